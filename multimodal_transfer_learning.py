@@ -1,0 +1,1511 @@
+#!/usr/bin/env python3
+"""Turn a text-only base LM into an image captioner.
+
+Recipe: a frozen vision encoder (CLIP ViT-B/32: 512-d projected image embedding, or
+ViT-B/16: 768-d CLS) -> a trainable 2-layer MLP adapter -> NUM_VISUAL_TOKENS vectors in
+the LM's embedding space -> [visual][prompt][caption][EOS] -> Qwen3-0.6B-Base with only
+its top TOP_K blocks unfrozen -> cross-entropy on the caption and EOS tokens only.
+
+    python multimodal_transfer_learning.py --train            # train, validate, checkpoint each epoch
+    python multimodal_transfer_learning.py --test             # evaluate the last checkpoint on the test split
+    python multimodal_transfer_learning.py --caption a.jpg    # caption your own images
+    python multimodal_transfer_learning.py --train --demo     # offline demo on synthetic shapes, CPU-friendly
+
+Configuration comes from `.env` (or --env-file), overridden by real environment variables;
+see `.env.example` or `--help` for every variable. The contract lives in SPEC.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import colorlog
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from dotenv import dotenv_values
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+log = logging.getLogger("mtl")
+
+
+class UserError(Exception):
+    """A failure the user can fix: printed as one line, no traceback. exit_code 2 = config."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Stopped(Exception):
+    """Raised by the SIGTERM handler so the run can stop as cleanly as on Ctrl-C."""
+
+
+# =============================================================================================
+# Config
+# =============================================================================================
+# One flat, typed list of knobs. Each field's env variable is its name in upper case; the
+# metadata "help" is what --help and .env.example show. `load_config` is the only place that
+# reads the environment, and `validate_config` the only place that judges values.
+
+def _f(default, help, secret=False):
+    return field(default=default, metadata={"help": help, "secret": secret}, repr=not secret)
+
+
+@dataclass
+class Config:
+    # --- model ---
+    vision_encoder: str = _f("clip", "clip (512-d projected image embedding) or vit (768-d CLS token)")
+    vision_model: str = _f("", "hub id or local dir; empty = openai/clip-vit-base-patch32 or google/vit-base-patch16-224-in21k")
+    lm_model: str = _f("Qwen/Qwen3-0.6B-Base", "decoder-only LM: hub id or local dir")
+    top_k: int = _f(3, "number of top decoder blocks to unfreeze, 0..num_layers")
+    num_visual_tokens: int = _f(16, "adapter output tokens")
+    adapter_hidden: int = _f(1024, "hidden width of the 2-layer MLP adapter")
+    prompt: str = _f("A short caption of the image:", "text between the visual tokens and the caption; may be empty")
+    max_caption_tokens: int = _f(48, "captions are truncated to this many tokens (EOS comes after)")
+    trust_remote_code: bool = _f(False, "allow model code from the hub (off: only transformers' own architectures)")
+    # --- data ---
+    dataset: str = _f("lmms-lab/flickr30k", "hub dataset id, local image folder (metadata.jsonl/.csv), or Karpathy-format JSON")
+    dataset_split: str = _f("test", "hub split to read (lmms-lab/flickr30k keeps all 31,783 images in 'test'); we re-split 80/10/10")
+    image_column: str = _f("image", "hub dataset: image column")
+    caption_column: str = _f("caption", "hub dataset: caption column (a list of strings or one string)")
+    id_column: str = _f("filename", "hub dataset: image identifier column (the split is a function of these)")
+    image_dir: str = _f("", "image folder for a Karpathy-format JSON")
+    max_images: int = _f(0, "use only the first N images (sorted by id) before splitting; 0 = all")
+    max_bad_fraction: float = _f(0.05, "stop if more than this share of images is missing, undecodable or caption-less")
+    # --- training ---
+    batch_size: int = _f(32, "(image, caption) pairs per step")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    epochs: int = _f(3, "passes over every (image, caption) pair of the train split")
+    lr_adapter: float = _f(1e-3, "AdamW learning rate of the adapter")
+    lr_qwen: float = _f(2e-5, "AdamW learning rate of the unfrozen LM blocks")
+    weight_decay: float = _f(0.01, "AdamW weight decay (both groups)")
+    warmup_ratio: float = _f(0.05, "share of optimizer steps spent in linear warm-up before cosine decay")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
+    seed: int = _f(42, "seeds the split, the shuffling, the initialisation and sampling")
+    compile: bool = _f(False, "torch.compile each unfrozen block (CUDA; first steps are slower)")
+    # --- evaluation and decoding ---
+    eval_batch_size: int = _f(64, "batch size of val/test loss, generation and retrieval scoring")
+    val_caption_images: int = _f(500, "val images whose generated captions are scored each epoch; 0 = all")
+    test_caption_images: int = _f(0, "test images whose generated captions are scored; 0 = all")
+    retrieval_pool: int = _f(100, "test images (with all their captions) in the retrieval pool; 0 = skip retrieval")
+    decoding: str = _f("greedy", "greedy, beam or sample")
+    num_beams: int = _f(3, "beam width for DECODING=beam")
+    length_penalty: float = _f(1.0, "beam length penalty (>1 favours longer captions)")
+    sample_top_k: int = _f(50, "DECODING=sample: keep the k most likely tokens; 0 = all")
+    temperature: float = _f(1.0, "DECODING=sample: softmax temperature")
+    top_p: float = _f(1.0, "DECODING=sample: nucleus probability mass; 1 = off")
+    no_repeat_ngram: int = _f(3, "never repeat an n-gram of this size in a caption; 0 = off")
+    max_new_tokens: int = _f(32, "longest generated caption, in tokens")
+    # --- runtime ---
+    device: str = _f("auto", "auto (CUDA if present), cpu, cuda, cuda:N or mps")
+    dtype: str = _f("auto", "auto (bf16 on a GPU that supports it, else fp32), bf16 or fp32")
+    num_workers: int = _f(2, "image-decoding worker processes for feature extraction")
+    output_dir_models: str = _f(".data/models", "checkpoints, test results and results.csv")
+    cache_dir: str = _f(".data/cache", "cached image features and the demo's data and models")
+    log_every: int = _f(10, "log training metrics every N optimizer steps")
+    log_level: str = _f("INFO", "DEBUG shows tracebacks of expected failures")
+    demo_images: int = _f(1500, "--demo: number of synthetic images")
+    # --- services ---
+    wandb_project: str = _f("mlx8-w4-multimodal-transferlearning", "W&B project")
+    wandb_entity: str = _f("", "W&B entity (team or user); empty = your default")
+    wandb_mode: str = _f("", "online, offline or disabled; empty = online if logged in, else offline")
+    hf_token: str = _f("", "Hugging Face token for gated/private repos (secret)", secret=True)
+    wandb_api_key: str = _f("", "W&B API key (secret); `wandb login` works too", secret=True)
+
+    # ---- derived helpers ----
+    def public(self) -> dict:
+        """Every non-secret value: what goes to W&B, checkpoints and result files."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["secret"]}
+
+    def secrets(self) -> list[str]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["secret"] and getattr(self, f.name)]
+
+    @property
+    def vision_model_id(self) -> str:
+        return self.vision_model or DEFAULT_VISION_MODELS.get(self.vision_encoder, "")
+
+
+DEFAULT_VISION_MODELS = {"clip": "openai/clip-vit-base-patch32", "vit": "google/vit-base-patch16-224-in21k"}
+CHOICES = {
+    "vision_encoder": ("clip", "vit"),
+    "decoding": ("greedy", "beam", "sample"),
+    "dtype": ("auto", "bf16", "fp32"),
+    "wandb_mode": ("", "online", "offline", "disabled"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+POSITIVE = ("num_visual_tokens", "adapter_hidden", "max_caption_tokens", "batch_size", "grad_accum", "epochs",
+            "lr_adapter", "lr_qwen", "eval_batch_size", "num_beams", "temperature", "max_new_tokens", "log_every",
+            "demo_images")
+NON_NEGATIVE = ("top_k", "max_images", "weight_decay", "grad_clip", "val_caption_images", "test_caption_images",
+                "retrieval_pool", "sample_top_k", "no_repeat_ngram", "num_workers", "seed")
+SECRET_ENV = ("HF_TOKEN", "WANDB_API_KEY")
+# What --demo sets (real environment variables still win; see `load_config`).
+DEMO_PRESET = {"EPOCHS": "6", "BATCH_SIZE": "32", "LR_ADAPTER": "2e-3", "LR_QWEN": "2e-3", "WARMUP_RATIO": "0.05",
+               "NUM_VISUAL_TOKENS": "4", "ADAPTER_HIDDEN": "256", "PROMPT": "caption:", "MAX_CAPTION_TOKENS": "16",
+               "MAX_NEW_TOKENS": "16", "VAL_CAPTION_IMAGES": "0", "RETRIEVAL_POOL": "50", "DEVICE": "cpu",
+               "DTYPE": "fp32", "NUM_WORKERS": "0", "NO_REPEAT_NGRAM": "0", "WANDB_MODE": "offline"}
+
+
+def _parse_value(raw: str, typ):
+    raw = raw.strip()
+    if typ is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("is not a boolean (allowed: 1/0, true/false)")
+    if typ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("is not an integer") from None
+    if typ is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError("is not a finite number")
+        return value
+    return raw
+
+
+def read_environment(env_file: str | None, demo: bool) -> dict[str, str]:
+    """The variables in effect: the env file, overridden by real environment variables.
+
+    With --demo the file is read only for W&B and token variables (it describes the real run),
+    and the demo preset fills in between."""
+    path = Path(env_file or ".env")
+    if env_file and not path.is_file():
+        raise UserError(f"--env-file {env_file}: no such file", exit_code=2)
+    file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    if demo:
+        file_values = {k: v for k, v in file_values.items() if k.startswith("WANDB_") or k in SECRET_ENV}
+        file_values = {**DEMO_PRESET, **file_values}
+    return {**file_values, **os.environ}
+
+
+def load_config(env: dict[str, str]) -> Config:
+    """Build and validate the config; all bad values are reported together (exit code 2)."""
+    types = {"int": int, "float": float, "bool": bool, "str": str}
+    values, errors = {}, []
+    for f in dataclasses.fields(Config):
+        key = f.name.upper()
+        if key in env:
+            try:
+                values[f.name] = _parse_value(env[key], types[f.type])
+            except ValueError as e:
+                shown = "***" if f.metadata["secret"] else env[key]
+                errors.append(f"{key}={shown!r} {e}")
+    cfg = Config(**values)
+    errors += validate_config(cfg, skip={e.split("=")[0].lower() for e in errors})
+    if errors:
+        raise UserError("invalid configuration:\n  - " + "\n  - ".join(errors), exit_code=2)
+    return cfg
+
+
+def validate_config(cfg: Config, skip=()) -> list[str]:
+    errors = []
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name)
+        if name == "log_level":
+            value = value.upper()
+            cfg.log_level = value
+        if name not in skip and value not in allowed:
+            errors.append(f"{name.upper()}={value!r} is not allowed (allowed: {', '.join(a or '(empty)' for a in allowed)})")
+    for name in POSITIVE:
+        if name not in skip and not getattr(cfg, name) > 0:
+            errors.append(f"{name.upper()}={getattr(cfg, name)!r} must be > 0")
+    for name in NON_NEGATIVE:
+        if name not in skip and getattr(cfg, name) < 0:
+            errors.append(f"{name.upper()}={getattr(cfg, name)!r} must be >= 0")
+    if "max_bad_fraction" not in skip and not 0 <= cfg.max_bad_fraction <= 1:
+        errors.append(f"MAX_BAD_FRACTION={cfg.max_bad_fraction!r} must be between 0 and 1")
+    if "warmup_ratio" not in skip and not 0 <= cfg.warmup_ratio < 1:
+        errors.append(f"WARMUP_RATIO={cfg.warmup_ratio!r} must be in [0, 1)")
+    if "top_p" not in skip and not 0 < cfg.top_p <= 1:
+        errors.append(f"TOP_P={cfg.top_p!r} must be in (0, 1]")
+    if "device" not in skip and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        errors.append(f"DEVICE={cfg.device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N, mps)")
+    if "dataset" not in skip and not cfg.dataset:
+        errors.append("DATASET is empty (allowed: a hub dataset id, a local image folder or a Karpathy JSON)")
+    for name in ("output_dir_models", "cache_dir"):
+        problem = _unwritable(Path(getattr(cfg, name)))
+        if problem:
+            errors.append(f"{name.upper()}={getattr(cfg, name)!r} is not writable ({problem})")
+    return errors
+
+
+def _unwritable(path: Path) -> str | None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def check_top_k(cfg: Config, num_layers: int) -> None:
+    """TOP_K can only be judged once the LM's config (not its weights) is known."""
+    if not 0 <= cfg.top_k <= num_layers:
+        raise UserError(f"TOP_K={cfg.top_k} is out of range (allowed: 0..{num_layers} for {cfg.lm_model})", exit_code=2)
+
+
+# =============================================================================================
+# Logging and progress
+# =============================================================================================
+
+class _Redact(logging.Filter):
+    """Belt and braces: a secret that reaches a log message is replaced before printing."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 4]
+
+    def filter(self, record):
+        msg = record.getMessage()
+        for s in self.secrets:
+            msg = msg.replace(s, "***")
+        record.msg, record.args = msg, None
+        return True
+
+
+class _TqdmHandler(colorlog.StreamHandler):
+    """Log lines go through tqdm.write so they never tear a progress bar."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(level: str = "INFO", secrets: list[str] = ()) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(colorlog.ColoredFormatter(
+        "%(log_color)s%(asctime)s %(levelname)-7s%(reset)s %(message)s", datefmt="%H:%M:%S",
+        log_colors={"DEBUG": "cyan", "INFO": "green", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold_red"}))
+    handler.addFilter(_Redact(list(secrets)))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    import transformers
+    transformers.logging.set_verbosity_error()  # load reports and fallback notices drown our own lines
+
+
+def progress(iterable=None, **kw):
+    """A tqdm bar; on a non-terminal (nohup, CI) it updates rarely instead of flooding the log."""
+    kw.setdefault("mininterval", 1.0 if sys.stderr.isatty() else 30.0)
+    kw.setdefault("dynamic_ncols", True)
+    kw.setdefault("leave", False)
+    return tqdm(iterable, **kw)
+
+
+# =============================================================================================
+# Data
+# =============================================================================================
+
+@dataclass
+class Record:
+    """One image with all its reference captions. `ref` is a file path or a hub row index."""
+    image_id: str
+    captions: list[str]
+    ref: str | int
+
+
+class ImageStore:
+    """Opens a record's image from disk or from the hub dataset's rows (picklable for workers)."""
+
+    def __init__(self, hub_dataset=None, column: str = ""):
+        self.hub_dataset, self.column = hub_dataset, column
+
+    def open(self, ref) -> Image.Image:
+        image = self.hub_dataset[ref][self.column] if isinstance(ref, int) else Image.open(ref)
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image, max_side: int = 1024) -> Image.Image:
+    """Any PIL image -> RGB. Transparent pixels become white; huge images shrink first."""
+    image.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size, a big saving for photos
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image.alpha_composite(rgba)
+    image = image.convert("RGB")
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side))
+    return image
+
+
+def _clean_captions(captions) -> list[str]:
+    if isinstance(captions, str):
+        captions = [captions]
+    return [" ".join(str(c).split()) for c in captions or [] if c is not None and str(c).strip()]
+
+
+def load_records(cfg: Config) -> tuple[list[Record], ImageStore, list[str]]:
+    """All usable records, the store that opens their images, and the ids skipped for no caption."""
+    source = Path(cfg.dataset).expanduser()
+    if source.is_file() and source.suffix == ".json":
+        rows, store = _karpathy_rows(source, cfg), ImageStore()
+    elif source.is_dir():
+        rows, store = _imagefolder_rows(source), ImageStore()
+    elif source.exists() or cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.endswith(".json"):
+        raise UserError(f"DATASET={cfg.dataset}: no such image folder or Karpathy JSON (check the path)")
+    else:
+        rows, store = _hub_rows(cfg)
+    merged: dict[str, Record] = {}
+    for image_id, captions, ref in rows:
+        rec = merged.setdefault(image_id, Record(image_id, [], ref))
+        rec.captions += _clean_captions(captions)
+    no_caption = sorted(i for i, r in merged.items() if not r.captions)
+    records = sorted((r for r in merged.values() if r.captions), key=lambda r: r.image_id)
+    if cfg.max_images:
+        records = records[: cfg.max_images]
+    if not records:
+        raise UserError(f"DATASET={cfg.dataset} holds no image with a caption")
+    return records, store, no_caption
+
+
+def _karpathy_rows(path: Path, cfg: Config):
+    if not cfg.image_dir:
+        raise UserError(f"DATASET={path} is a Karpathy JSON: set IMAGE_DIR to the folder holding its images", 2)
+    image_dir = Path(cfg.image_dir).expanduser()
+    if not image_dir.is_dir():
+        raise UserError(f"IMAGE_DIR={cfg.image_dir}: no such folder")
+    try:
+        images = json.loads(path.read_text())["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"DATASET={path} is not a Karpathy-format JSON ({{'images': [...]}}): {e}") from None
+    for img in images:
+        rel = Path(img.get("filepath", "")) / img["filename"]
+        yield str(rel), [s.get("raw", "") for s in img.get("sentences", [])], str(image_dir / rel)
+
+
+def _imagefolder_rows(folder: Path):
+    if (folder / "metadata.jsonl").is_file():
+        with open(folder / "metadata.jsonl") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    elif (folder / "metadata.csv").is_file():
+        with open(folder / "metadata.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for row in rows:  # a CSV `captions` cell may hold a JSON list
+            if isinstance(row.get("captions"), str) and row["captions"].lstrip().startswith("["):
+                row["captions"] = json.loads(row["captions"])
+    else:
+        raise UserError(f"DATASET={folder}: an image folder needs metadata.jsonl or metadata.csv")
+    for row in rows:
+        if "file_name" not in row:
+            raise UserError(f"DATASET={folder}: metadata rows need a file_name column (got {sorted(row)})")
+        yield row["file_name"], row.get("captions", row.get("caption")), str(folder / row["file_name"])
+
+
+def _hub_rows(cfg: Config):
+    import datasets
+    ds = call_hub("DATASET", cfg.dataset, datasets.load_dataset, cfg.dataset, split=cfg.dataset_split,
+                  token=cfg.hf_token or None)
+    missing = [c for c in (cfg.image_column, cfg.caption_column, cfg.id_column) if c not in ds.column_names]
+    if missing:
+        raise UserError(f"DATASET={cfg.dataset} has no column {missing} (columns: {ds.column_names}); "
+                        "set IMAGE_COLUMN / CAPTION_COLUMN / ID_COLUMN", exit_code=2)
+    meta = ds.select_columns([cfg.id_column, cfg.caption_column])  # reading captions must not decode images
+    ids, captions = list(meta[cfg.id_column]), list(meta[cfg.caption_column])
+    rows = [(str(i), c, n) for n, (i, c) in enumerate(zip(ids, captions))]
+    return rows, ImageStore(ds.select_columns([cfg.image_column]), cfg.image_column)
+
+
+def split_by_image(image_ids, seed: int) -> dict[str, list[str]]:
+    """80/10/10 train/val/test by image: a function of the set of ids and the seed only."""
+    ids = sorted(set(image_ids))
+    random.Random(seed).shuffle(ids)
+    n_train, n_val = round(0.8 * len(ids)), round(0.1 * len(ids))
+    return {"train": sorted(ids[:n_train]), "val": sorted(ids[n_train:n_train + n_val]),
+            "test": sorted(ids[n_train + n_val:])}
+
+
+# =============================================================================================
+# Vision encoder and feature cache
+# =============================================================================================
+
+class VisionEncoder(nn.Module):
+    """Frozen CLIP (the 512-d projected image embedding) or ViT (the 768-d CLS token)."""
+
+    def __init__(self, kind: str, name: str, token: str, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        from transformers import AutoImageProcessor, CLIPModel, ViTModel
+        var = "VISION_MODEL"
+        self.kind, self.name = kind, name
+        self.processor = call_hub(var, name, AutoImageProcessor.from_pretrained, name, token=token or None)
+        if kind == "clip":
+            clip = call_hub(var, name, CLIPModel.from_pretrained, name, token=token or None, dtype=dtype)
+            self.backbone, self.projection = clip.vision_model, clip.visual_projection  # the text tower is dropped
+            self.dim = clip.config.projection_dim
+        else:
+            self.backbone = call_hub(var, name, ViTModel.from_pretrained, name, token=token or None, dtype=dtype,
+                                     add_pooling_layer=False)
+            self.projection, self.dim = None, self.backbone.config.hidden_size
+        self.commit = getattr(self.backbone.config, "_commit_hash", None)
+        self.to(device).eval().requires_grad_(False)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=to_rgb(image), return_tensors="pt")["pixel_values"][0]
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D) in fp32
+        p = next(self.parameters())
+        out = self.backbone(pixel_values=pixel_values.to(p.device, p.dtype))
+        emb = self.projection(out.pooler_output) if self.projection is not None else out.last_hidden_state[:, 0]
+        return emb.float()
+
+
+class _EncodeSet(torch.utils.data.Dataset):
+    """Decodes and preprocesses one image per item; a bad image yields None instead of raising."""
+
+    def __init__(self, records, store, encoder):
+        self.records, self.store, self.preprocess = records, store, encoder.preprocess
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.preprocess(self.store.open(self.records[i].ref)), None
+        except Exception as e:  # missing file, truncated JPEG, not an image, ...
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def _keep_batch(items):
+    return items
+
+
+def encode_images(records, store, encoder: VisionEncoder, cfg: Config) -> tuple[torch.Tensor, dict[str, str]]:
+    """Embed every image once, batched. Returns (N, D) features and {image_id: why} for bad images."""
+    loader = torch.utils.data.DataLoader(_EncodeSet(records, store, encoder), batch_size=cfg.eval_batch_size,
+                                         num_workers=cfg.num_workers, collate_fn=_keep_batch)
+    feats = torch.zeros(len(records), encoder.dim)
+    bad = {}
+    bar = progress(total=len(records), desc="encoding images", unit="img")
+    for items in loader:
+        good = [(i, px) for i, px, _ in items if px is not None]
+        bad.update({records[i].image_id: why for i, px, why in items if px is None})
+        if good:
+            idx = torch.tensor([i for i, _ in good])
+            feats[idx] = encoder(torch.stack([px for _, px in good])).cpu()
+        bar.update(len(items))
+    bar.close()
+    return feats, bad
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _local_files_fingerprint(path: str) -> list | None:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.iterdir()) if f.is_file()]
+
+
+def feature_cache_path(cfg: Config, encoder: VisionEncoder, records, store: ImageStore) -> Path:
+    """The cache file for these records under this encoder; any change gives another file."""
+    model_key = {"kind": cfg.vision_encoder, "name": encoder.name, "commit": encoder.commit,
+                 "files": _local_files_fingerprint(encoder.name), "processor": encoder.processor.to_dict()}
+    data_key = {"dataset": cfg.dataset, "split": cfg.dataset_split, "column": cfg.image_column,
+                "hub": getattr(store.hub_dataset, "_fingerprint", None),
+                "records": [(r.image_id, r.ref if isinstance(r.ref, int) else _file_stamp(r.ref)) for r in records]}
+    return Path(cfg.cache_dir) / "features" / f"{cfg.vision_encoder}-{_fingerprint(model_key)}-{_fingerprint(data_key)}.pt"
+
+
+def _file_stamp(path: str):
+    try:
+        st = os.stat(path)
+        return [path, st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [path, None]
+
+
+def cached_features(cfg: Config, encoder: VisionEncoder, records, store) -> tuple[dict[str, torch.Tensor], dict]:
+    """{image_id: feature} for every decodable image, computed once and then read from CACHE_DIR."""
+    path = feature_cache_path(cfg, encoder, records, store)
+    if path.is_file():
+        blob = torch.load(path, weights_only=True)
+        log.info(f"image features: read {len(blob['ids'])} from cache {path}")
+    else:
+        feats, bad = encode_images(records, store, encoder, cfg)
+        ok = [i for i, r in enumerate(records) if r.image_id not in bad]
+        blob = {"ids": [records[i].image_id for i in ok], "features": feats[ok].contiguous(), "bad": bad}
+        atomic_save(blob, path)
+        log.info(f"image features: encoded {len(ok)} images, cached in {path}")
+    return dict(zip(blob["ids"], blob["features"])), blob["bad"]
+
+
+def check_bad_data(num_total: int, skipped: dict[str, str], cfg: Config) -> None:
+    """Report skipped images; refuse to train on a dataset where too many are broken."""
+    if not skipped:
+        return
+    first = "; ".join(f"{i} ({why})" for i, why in list(skipped.items())[:5])
+    log.warning(f"skipped {len(skipped)} of {num_total} images: {first}{' ...' if len(skipped) > 5 else ''}")
+    share = len(skipped) / max(num_total, 1)
+    if share > cfg.max_bad_fraction:
+        raise UserError(f"{share:.1%} of the images are missing, undecodable or caption-less "
+                        f"(MAX_BAD_FRACTION={cfg.max_bad_fraction}); fix the dataset or raise MAX_BAD_FRACTION")
+
+
+# =============================================================================================
+# Adapter and language model
+# =============================================================================================
+
+class Adapter(nn.Module):
+    """2-layer MLP: one image embedding -> NUM_VISUAL_TOKENS vectors of the LM's hidden size."""
+
+    def __init__(self, in_dim: int, hidden: int, num_tokens: int, lm_dim: int):
+        super().__init__()
+        self.num_tokens, self.lm_dim = num_tokens, lm_dim
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_tokens * lm_dim))
+
+    def forward(self, x):  # (B, D) -> (B, V, H)
+        return self.net(x).view(x.shape[0], self.num_tokens, self.lm_dim)
+
+
+def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    """DTYPE=auto: bf16 on a GPU that supports it; fp32 on CPU, where bf16 matmuls crawl."""
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"DEVICE={cfg.device} but no CUDA GPU is visible (set DEVICE=auto or cpu)", exit_code=2)
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError("DEVICE=mps but MPS is not available (set DEVICE=auto or cpu)", exit_code=2)
+    if cfg.dtype == "fp32" or (cfg.dtype == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return device, torch.float32
+    return device, torch.bfloat16
+
+
+def load_lm_config(cfg: Config):
+    from transformers import AutoConfig
+    lm_config = call_hub("LM_MODEL", cfg.lm_model, AutoConfig.from_pretrained, cfg.lm_model,
+                         token=cfg.hf_token or None, trust_remote_code=cfg.trust_remote_code)
+    check_top_k(cfg, lm_config.num_hidden_layers)
+    return lm_config
+
+
+def load_language_model(cfg: Config, device, dtype):
+    """The LM (frozen weights in `dtype`) and its tokenizer, with pad/EOS sorted out."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kw = dict(token=cfg.hf_token or None, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = call_hub("LM_MODEL", cfg.lm_model, AutoTokenizer.from_pretrained, cfg.lm_model, **kw)
+    lm = call_hub("LM_MODEL", cfg.lm_model, AutoModelForCausalLM.from_pretrained, cfg.lm_model, dtype=dtype,
+                  attn_implementation="sdpa", **kw)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"LM_MODEL={cfg.lm_model}: its tokenizer has no EOS token, so captions could not end")
+    if tokenizer.pad_token_id is None:  # Qwen3-Base may ship without one; pads are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm.to(device), tokenizer
+
+
+def freeze_except_top_k(lm, top_k: int) -> list[nn.Module]:
+    """Freeze the whole LM, then unfreeze its top K blocks (kept in fp32: they are trained).
+
+    Embeddings and the (tied) LM head stay frozen, so the LM keeps its vocabulary as it was."""
+    lm.requires_grad_(False)
+    blocks = list(decoder_blocks(lm))
+    top = blocks[len(blocks) - top_k:] if top_k else []
+    for block in top:
+        block.float().requires_grad_(True)
+    return top
+
+
+def decoder_blocks(lm) -> nn.ModuleList:
+    base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    if not hasattr(base, "layers"):
+        raise UserError(f"{type(lm).__name__} keeps no `model.layers`; only decoder-only LMs of that layout work")
+    return base.layers
+
+
+class Captioner(nn.Module):
+    """Adapter + LM. Holds the tokenizer, the prompt and the precision policy in one place."""
+
+    def __init__(self, cfg: Config, feature_dim: int, lm, tokenizer, device, dtype):
+        super().__init__()
+        self.lm, self.tokenizer, self.device, self.dtype = lm, tokenizer, device, dtype
+        hidden = lm.get_input_embeddings().embedding_dim
+        self.adapter = Adapter(feature_dim, cfg.adapter_hidden, cfg.num_visual_tokens, hidden).to(device)
+        self.top_blocks = freeze_except_top_k(lm, cfg.top_k)
+        self.prompt_ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"] if cfg.prompt else []
+        self.caption_prefix = " " if cfg.prompt else ""
+        self.max_caption_tokens = cfg.max_caption_tokens
+        lm.config.use_cache = False
+
+    # ---- precision in one place ----
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    # ---- inputs ----
+    def tokenize_captions(self, captions: list[str]) -> list[list[int]]:
+        """Caption token ids, truncated, with EOS appended (what the model must learn to emit)."""
+        ids = self.tokenizer([self.caption_prefix + c for c in captions], add_special_tokens=False)["input_ids"]
+        return [x[: self.max_caption_tokens] + [self.tokenizer.eos_token_id] for x in ids]
+
+    def prefix_embeds(self, features: torch.Tensor) -> torch.Tensor:
+        """[visual tokens][prompt tokens]: (B, V + P, H). The same length for every image."""
+        visual = self.adapter(features.to(self.device))
+        prompt = self.lm.get_input_embeddings()(torch.tensor(self.prompt_ids, device=self.device, dtype=torch.long))
+        return torch.cat([visual, prompt.to(visual.dtype).expand(visual.shape[0], -1, -1)], dim=1)
+
+    def build_inputs(self, features: torch.Tensor, caption_ids: list[list[int]]):
+        """inputs_embeds, attention_mask and labels for [visual][prompt][caption][EOS], right-padded.
+
+        Labels are -100 everywhere except at caption and EOS positions; padding is never supervised."""
+        prefix = self.prefix_embeds(features)
+        B, P, L = prefix.shape[0], prefix.shape[1], max(len(c) for c in caption_ids)
+        ids = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(B, P + L, dtype=torch.long)
+        labels = torch.full((B, P + L), -100, dtype=torch.long)
+        for b, c in enumerate(caption_ids):
+            ids[b, : len(c)] = torch.tensor(c)
+            mask[b, : P + len(c)] = 1
+            labels[b, P: P + len(c)] = torch.tensor(c)
+        caption = self.lm.get_input_embeddings()(ids.to(self.device))
+        embeds = torch.cat([prefix.to(caption.dtype), caption], dim=1)
+        return embeds, mask.to(self.device), labels.to(self.device)
+
+    # ---- losses ----
+    def token_losses(self, features, caption_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token cross-entropy at supervised positions only, and the row each belongs to.
+
+        The 151,936-wide LM head runs only where a label exists, never over the whole
+        (batch x sequence x vocabulary), and the loss itself is computed in fp32."""
+        with self.autocast():
+            embeds, mask, labels = self.build_inputs(features, caption_ids)
+            hidden = decoder_base(self.lm)(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+            targets = labels[:, 1:]
+            where = targets != -100
+            logits = self.lm.get_output_embeddings()(hidden[:, :-1][where])
+        losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
+        rows = where.nonzero()[:, 0]
+        return losses, rows
+
+    def loss(self, features, caption_ids) -> torch.Tensor:
+        """Mean over all supervised tokens of the batch (as `model(..., labels=...)` would give)."""
+        return self.token_losses(features, caption_ids)[0].mean()
+
+    def caption_log_likelihood(self, features, caption_ids) -> torch.Tensor:
+        """Mean per-token log-likelihood of each caption given its image and the prompt: (B,)."""
+        losses, rows = self.token_losses(features, caption_ids)
+        total = torch.zeros(len(caption_ids), device=losses.device).index_add_(0, rows, losses)
+        counts = torch.bincount(rows, minlength=len(caption_ids)).clamp(min=1)
+        return -(total / counts)
+
+    # ---- generation ----
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, decoding: dict) -> list[str]:
+        """Batched captions with the KV cache. Every prefix has the same length, so no padding."""
+        with self.autocast():
+            prefix = self.prefix_embeds(features).to(self.lm.dtype)
+            mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
+            out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, use_cache=True,
+                                   eos_token_id=self.tokenizer.eos_token_id,
+                                   pad_token_id=self.tokenizer.pad_token_id, **decoding)
+        texts = []
+        for row in out.tolist():  # with inputs_embeds only, generate returns just the new tokens
+            if self.tokenizer.eos_token_id in row:
+                row = row[: row.index(self.tokenizer.eos_token_id)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+
+def decoder_base(lm):
+    return lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+
+
+def decoding_kwargs(cfg: Config) -> dict:
+    """DECODING -> keyword arguments of `generate`."""
+    kw = dict(max_new_tokens=cfg.max_new_tokens, no_repeat_ngram_size=cfg.no_repeat_ngram or None,
+              do_sample=False, num_beams=1)
+    if cfg.decoding == "beam":
+        kw.update(num_beams=cfg.num_beams, length_penalty=cfg.length_penalty, early_stopping=True)
+    elif cfg.decoding == "sample":
+        kw.update(do_sample=True, top_k=cfg.sample_top_k or None, temperature=cfg.temperature, top_p=cfg.top_p)
+    return kw
+
+
+def build_model(cfg: Config, device, dtype) -> tuple[VisionEncoder, Captioner]:
+    load_lm_config(cfg)
+    encoder = VisionEncoder(cfg.vision_encoder, cfg.vision_model_id, cfg.hf_token, device, dtype)
+    lm, tokenizer = load_language_model(cfg, device, dtype)
+    torch.manual_seed(cfg.seed)  # the adapter's initialisation
+    model = Captioner(cfg, encoder.dim, lm, tokenizer, device, dtype)
+    if cfg.compile:
+        for block in model.top_blocks:
+            block.compile()
+    return encoder, model
+
+
+def call_hub(var: str, name: str, fn, *args, **kwargs):
+    """Run a hub loader; turn the usual failures into one line that names the fix."""
+    from huggingface_hub import errors as hub_errors
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+        log.debug("hub failure", exc_info=True)
+        local_hint = f"or point {var} at a local copy"
+        if isinstance(e, hub_errors.GatedRepoError) or "gated" in text.lower():
+            msg = f"{var}={name} is gated: accept its terms on huggingface.co and set HF_TOKEN"
+        elif "401" in text or "Invalid credentials" in text or "Invalid user token" in text:
+            msg = f"{var}={name}: the hub rejected HF_TOKEN (check or renew the token)"
+        elif isinstance(e, (hub_errors.RepositoryNotFoundError,)) or "not a valid model identifier" in text \
+                or "doesn't exist on the Hub" in text or "DatasetNotFoundError" in text:
+            msg = f"{var}={name} was not found on the hub: check the spelling, {local_hint}"
+        elif isinstance(e, (OSError, ConnectionError, hub_errors.OfflineModeIsEnabled, hub_errors.HfHubHTTPError)) \
+                or "offline" in text.lower() or "connect" in text.lower():
+            msg = (f"{var}={name} could not be fetched (no network, or HF_HUB_OFFLINE=1 and it is not cached): "
+                   f"download it where there is network (`hf download {name} --local-dir DIR`{' --repo-type dataset' if var == 'DATASET' else ''}) "
+                   f"and set {var}=DIR")
+        else:
+            raise
+        raise UserError(msg) from e
+
+
+# =============================================================================================
+# Training
+# =============================================================================================
+
+@dataclass
+class Split:
+    """The pairs of one split: image features, their ids and every tokenized caption."""
+    ids: list[str]
+    features: torch.Tensor          # (N, D)
+    references: list[list[str]]     # raw captions per image
+    pairs: list[tuple[int, list[int]]]  # (image row, caption token ids)
+
+
+def make_split(ids, features: dict, records_by_id: dict, model: Captioner) -> Split:
+    ids = [i for i in ids if i in features]
+    refs = [records_by_id[i].captions for i in ids]
+    flat = [c for r in refs for c in r]
+    tokens = model.tokenize_captions(flat) if flat else []
+    rows = [n for n, r in enumerate(refs) for _ in r]
+    feats = torch.stack([features[i] for i in ids]) if ids else torch.zeros(0, 1)
+    return Split(ids, feats, refs, list(zip(rows, tokens)))
+
+
+def batches(split: Split, batch_size: int, order: list[int]):
+    for start in range(0, len(order), batch_size):
+        chosen = [split.pairs[i] for i in order[start: start + batch_size]]
+        yield split.features[[r for r, _ in chosen]], [c for _, c in chosen]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffle of an epoch depends only on SEED and the epoch, so a resumed run sees the same order."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def make_optimizer(model: Captioner, cfg: Config) -> torch.optim.AdamW:
+    groups = [{"params": list(model.adapter.parameters()), "lr": cfg.lr_adapter, "base_lr": cfg.lr_adapter, "name": "adapter"}]
+    lm_params = [p for p in model.lm.parameters() if p.requires_grad]
+    if lm_params:
+        groups.append({"params": lm_params, "lr": cfg.lr_qwen, "base_lr": cfg.lr_qwen, "name": "lm"})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=model.device.type == "cuda")
+
+
+def get_lr_scale(step: int, total: int, warmup_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to zero over the remaining optimizer steps."""
+    warmup = max(1, round(warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def steps_per_epoch(num_pairs: int, cfg: Config) -> int:
+    return math.ceil(math.ceil(num_pairs / cfg.batch_size) / cfg.grad_accum)
+
+
+def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, state: dict, run) -> float:
+    """One pass over every (image, caption) pair of the train split. Returns the mean loss."""
+    model.train()
+    total_steps = steps_per_epoch(len(train.pairs), cfg) * cfg.epochs
+    params = [p for g in opt.param_groups for p in g["params"]]
+    micro = list(batches(train, cfg.batch_size, epoch_order(len(train.pairs), cfg.seed, epoch)))
+    bar = progress(total=len(train.pairs), desc=f"epoch {epoch}/{cfg.epochs}", unit="pair")
+    loss_sum, t0, seen, tokens = 0.0, time.perf_counter(), 0, 0
+    for i, (feats, caps) in enumerate(micro):
+        loss = model.loss(feats, caps)
+        if not torch.isfinite(loss):
+            raise UserError(f"the loss became {loss.item()} at step {state['step']} (epoch {epoch}); training stopped, "
+                            "the last good checkpoint is kept: lower LR_ADAPTER/LR_QWEN or check the data")
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.item()
+        seen += len(caps)
+        tokens += sum(len(c) for c in caps)
+        bar.update(len(caps))
+        if (i + 1) % cfg.grad_accum and i + 1 < len(micro):
+            continue
+        scale = get_lr_scale(state["step"], total_steps, cfg.warmup_ratio)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        rate = seen / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.1f}")
+        if state["step"] % cfg.log_every == 0:
+            run.log({"train/loss": loss.item(), "train/samples_per_s": rate,
+                     "train/tokens_per_s": tokens / (time.perf_counter() - t0),
+                     **{f"train/lr_{g['name']}": g["lr"] for g in opt.param_groups}, "epoch": epoch},
+                    step=state["step"])
+    bar.close()
+    return loss_sum / max(1, len(micro))
+
+
+# =============================================================================================
+# Evaluation and metrics
+# =============================================================================================
+
+@torch.no_grad()
+def split_loss(model: Captioner, split: Split, cfg: Config) -> float:
+    """Mean token cross-entropy over every (image, caption) pair of a split."""
+    model.eval()
+    total, count = 0.0, 0
+    for feats, caps in progress(batches(split, cfg.eval_batch_size, list(range(len(split.pairs)))),
+                                total=math.ceil(len(split.pairs) / cfg.eval_batch_size), desc="loss", unit="batch"):
+        losses, _ = model.token_losses(feats, caps)
+        total, count = total + losses.sum().item(), count + losses.numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_captions(model: Captioner, features: torch.Tensor, cfg: Config, desc="generating") -> list[str]:
+    model.eval()
+    out = []
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)  # sampling is reproducible and leaves the training RNG alone
+        for start in progress(range(0, len(features), cfg.eval_batch_size), desc=desc, unit="batch"):
+            out += model.generate(features[start: start + cfg.eval_batch_size], decoding_kwargs(cfg))
+    return out
+
+
+_JAVA_WARNED = False
+
+
+def _ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """PTB tokenization as the COCO toolkit does it (Java); a Python fallback if Java is missing."""
+    global _JAVA_WARNED
+    if shutil.which("java"):
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    if not _JAVA_WARNED:
+        log.warning("Java not found: captions are tokenized in Python and METEOR is reported as missing "
+                    "(install a JRE for the standard numbers)")
+        _JAVA_WARNED = True
+    return {k: [" ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", c.lower())) for c in v] for k, v in captions.items()}
+
+
+def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float | None]:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr (CIDEr-D) with pycocoevalcap, one prediction per image."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    keys = sorted(predictions)
+    if not keys:
+        return {}
+    gts = _ptb_tokenize({k: references[k] for k in keys})
+    res = _ptb_tokenize({k: [predictions[k]] for k in keys})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+    out["METEOR"] = None
+    if shutil.which("java"):
+        from pycocoevalcap.meteor.meteor import Meteor
+        meteor = Meteor()
+        out["METEOR"] = float(meteor.compute_score(gts, res)[0])
+        meteor.close() if hasattr(meteor, "close") else None
+    out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return out
+
+
+def _ranked_hits(scores: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Rank each row's candidates by score; ties are broken against the model (wrong ones first)."""
+    by_own = torch.sort(own.int(), dim=1, stable=True).indices
+    by_score = torch.sort(-scores.gather(1, by_own), dim=1, stable=True).indices
+    return own.gather(1, by_own.gather(1, by_score))
+
+
+def retrieval_metrics(scores: torch.Tensor, owner: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """scores: (N images, M captions); owner[m] = the image caption m describes.
+
+    Image->text: Recall@K = share of images with an own caption in the top K; Precision@K =
+    mean share of the top K that are own captions. Text->image: T2I-Recall@K = share of
+    captions whose image ranks in the top K of the N images."""
+    n = scores.shape[0]
+    own = owner[None, :] == torch.arange(n)[:, None]            # (N, M)
+    i2t, t2i = _ranked_hits(scores, own), _ranked_hits(scores.T, own.T)
+    out = {}
+    for k in ks:
+        out[f"Recall@{k}"] = i2t[:, :k].any(1).float().mean().item()
+        out[f"Precision@{k}"] = i2t[:, :k].float().sum(1).div(k).mean().item()
+    for k in ks:
+        out[f"T2I-Recall@{k}"] = t2i[:, :k].any(1).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def retrieval_scores(model: Captioner, split: Split, pool: int, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-token log-likelihood of every caption of the pool under every image of the pool."""
+    model.eval()
+    n = min(pool, len(split.ids))
+    caps = [(r, c) for r, c in split.pairs if r < n]
+    owner = torch.tensor([r for r, _ in caps])
+    scores = torch.empty(n, len(caps))
+    bs = cfg.eval_batch_size
+    for i in progress(range(n), desc=f"retrieval ({n} images x {len(caps)} captions)", unit="img"):
+        for start in range(0, len(caps), bs):
+            chunk = [c for _, c in caps[start: start + bs]]
+            feats = split.features[i].expand(len(chunk), -1)
+            scores[i, start: start + len(chunk)] = model.caption_log_likelihood(feats, chunk).float().cpu()
+    return scores, owner
+
+
+def evaluate(model: Captioner, split: Split, cfg: Config, caption_images: int, pool: int):
+    """Loss over the whole split, caption metrics on the first `caption_images` images
+    (0 = all), retrieval over a pool of `pool` images. Returns (metrics, generated captions)."""
+    metrics = {"loss": split_loss(model, split, cfg)}
+    n = len(split.ids) if caption_images == 0 else min(caption_images, len(split.ids))
+    generated = generate_captions(model, split.features[:n], cfg)
+    preds = dict(zip(split.ids[:n], generated))
+    metrics.update(caption_metrics(preds, dict(zip(split.ids[:n], split.references[:n]))))
+    metrics["num_images"] = n
+    if pool:
+        scores, owner = retrieval_scores(model, split, pool, cfg)
+        metrics.update(retrieval_metrics(scores, owner))
+        metrics["retrieval_pool"] = scores.shape[0]
+    return metrics, preds
+
+
+def format_table(metrics: dict) -> str:
+    width = max(len(k) for k in metrics)
+    lines = []
+    for k, v in metrics.items():
+        shown = "missing" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+        lines.append(f"  {k:<{width}}  {shown:>10}")
+    return "\n".join(lines)
+
+
+# =============================================================================================
+# Checkpoints
+# =============================================================================================
+# A checkpoint holds the trainable weights only, the public config to rebuild the model,
+# the metrics, and what resuming needs (optimizer, step, RNG, W&B run id). Plain tensors and
+# Python containers only, so `torch.load(..., weights_only=True)` reads it.
+
+MODEL_KEYS = ("vision_encoder", "vision_model", "lm_model", "top_k", "num_visual_tokens", "adapter_hidden",
+              "prompt", "max_caption_tokens")
+DATA_KEYS = ("dataset", "dataset_split", "image_column", "caption_column", "id_column", "image_dir",
+             "max_images", "seed")
+
+
+def checkpoint_path(cfg: Config, epoch: int) -> Path:
+    return Path(cfg.output_dir_models) / f"{epoch}_{cfg.vision_encoder}_top{cfg.top_k}.pt"
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: never a truncated final file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(model: Captioner, opt, cfg: Config, epoch: int, step: int, metrics: dict, run_id) -> Path:
+    trainable = set(model.trainable_names())
+    path = checkpoint_path(cfg, epoch)
+    atomic_save({
+        "format": 1,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
+        "config": cfg.public(),
+        "epoch": epoch, "step": step, "metrics": metrics,
+        "optimizer": opt.state_dict(), "rng": rng_state(), "wandb_run_id": run_id,
+    }, path)
+    return path
+
+
+def find_last_checkpoint(cfg: Config) -> Path:
+    folder = Path(cfg.output_dir_models)
+    pattern = re.compile(rf"(\d+)_{cfg.vision_encoder}_top{cfg.top_k}\.pt")
+    found = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := pattern.fullmatch(p.name))]
+    if not found:
+        others = sorted(p.name for p in folder.glob("*.pt"))
+        raise UserError(f"no checkpoint {{epoch}}_{cfg.vision_encoder}_top{cfg.top_k}.pt in {folder} "
+                        f"(found: {', '.join(others) or 'none'}); train first, set VISION_ENCODER/TOP_K to match, "
+                        "or pass --checkpoint PATH")
+    return max(found)[1]
+
+
+def read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
+        raise UserError(f"{path} is not a checkpoint written by this script")
+    return ckpt
+
+
+def config_from_checkpoint(ckpt: dict, cfg: Config) -> Config:
+    """The current config with the model- and data-defining values taken from the checkpoint."""
+    stored = {k: ckpt["config"][k] for k in MODEL_KEYS + DATA_KEYS if k in ckpt["config"]}
+    changed = [f"{k.upper()}={getattr(cfg, k)!r} (checkpoint: {v!r})" for k, v in stored.items() if getattr(cfg, k) != v]
+    if changed:
+        log.info("using the checkpoint's values for: " + "; ".join(changed))
+    return dataclasses.replace(cfg, **stored)
+
+
+def load_weights(model: Captioner, ckpt: dict) -> None:
+    missing = set(model.trainable_names()) - set(ckpt["model"])
+    if missing:
+        raise UserError(f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]})")
+    model.load_state_dict(ckpt["model"], strict=False)
+
+
+# =============================================================================================
+# Weights & Biases
+# =============================================================================================
+
+def init_wandb(cfg: Config, job: str, run_id: str | None = None, wandb_dir: str | None = None):
+    """Start a W&B run; without a login (and no WANDB_MODE), go offline instead of prompting."""
+    import wandb
+    if cfg.wandb_api_key:
+        os.environ["WANDB_API_KEY"] = cfg.wandb_api_key  # from .env: wandb reads it from the environment
+    mode = cfg.wandb_mode
+    if not mode:
+        logged_in = False
+        with contextlib.suppress(Exception):
+            logged_in = wandb.login(prompt=False, verify=False)
+        mode = "online" if logged_in else "offline"
+        if not logged_in:
+            log.info("W&B: not logged in, logging offline; upload later with `wandb sync --sync-all` "
+                     "(or run `wandb login` / set WANDB_MODE)")
+    settings = wandb.Settings(silent=True, console="off")
+    try:
+        return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, config=cfg.public(),
+                          job_type=job, mode=mode, id=run_id, resume="allow" if run_id else None,
+                          dir=wandb_dir, settings=settings, reinit="finish_previous")
+    except Exception as e:
+        log.debug("wandb.init failed", exc_info=True)
+        raise UserError(f"W&B could not start ({type(e).__name__}: {e}); set WANDB_MODE=offline or disabled") from None
+
+
+def sample_table(records_by_id, store, ids, preds):
+    import wandb
+    table = wandb.Table(columns=["image_id", "image", "generated", "references"])
+    for i in ids:
+        image = None
+        with contextlib.suppress(Exception):
+            image = wandb.Image(store.open(records_by_id[i].ref))
+        table.add_data(i, image, preds.get(i, ""), " | ".join(records_by_id[i].captions))
+    return table
+
+
+# =============================================================================================
+# Demo: synthetic shapes, tiny random models, all offline
+# =============================================================================================
+# Colour and shape survive a frozen, random encoder's single global embedding (colour shifts the
+# pixel statistics, and the three shapes cover different areas); position barely would.
+
+DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+                "purple": (140, 50, 170), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (250, 250, 250)}
+DEMO_SHAPES = ("circle", "square", "triangle")
+DEMO_TEMPLATES = ("a {c} {s}", "a {c} {s} on a gray background", "a picture of a {c} {s}",
+                  "there is a {c} {s} in the image", "a single {c} {s}")
+
+
+def demo_sample(index: int, seed: int) -> tuple[Image.Image, str, str]:
+    rnd = random.Random(seed * 1_000_003 + index)
+    colour, shape = rnd.choice(list(DEMO_COLOURS)), rnd.choice(DEMO_SHAPES)
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    x, y, r = 32 + rnd.randint(-6, 6), 32 + rnd.randint(-6, 6), rnd.randint(16, 20)
+    draw = ImageDraw.Draw(image)
+    box = (x - r, y - r, x + r, y + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=DEMO_COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=DEMO_COLOURS[colour])
+    else:
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=DEMO_COLOURS[colour])
+    return image, colour, shape
+
+
+def make_demo_dataset(folder: Path, n: int, seed: int) -> Path:
+    """Write n images and a metadata.jsonl with five varied captions each (an ordinary image folder)."""
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    with open(tmp / "metadata.jsonl", "w") as fh:
+        for i in progress(range(n), desc="demo images", unit="img"):
+            image, colour, shape = demo_sample(i, seed)
+            name = f"images/{i:05d}.png"
+            image.save(tmp / name)
+            fh.write(json.dumps({"file_name": name, "captions": [t.format(c=colour, s=shape) for t in DEMO_TEMPLATES]}) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def make_demo_models(root: Path, kind: str, seed: int, captions: list[str]) -> tuple[Path, Path]:
+    """A tiny random encoder of the real architecture and a tiny random Qwen3 with a word-level tokenizer."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, Qwen3Config,
+                              Qwen3ForCausalLM, ViTConfig, ViTImageProcessor, ViTModel)
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    vision_dir, lm_dir = root / f"{kind}-seed{seed}", root / f"qwen3-seed{seed}"
+    torch.manual_seed(seed)
+    if not (vision_dir / "config.json").is_file():
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=8)
+        if kind == "clip":
+            text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+            CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)).save_pretrained(vision_dir)
+            CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(vision_dir)
+        else:
+            ViTModel(ViTConfig(**vision), add_pooling_layer=False).save_pretrained(vision_dir)
+            ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vision_dir)
+    if not (lm_dir / "config.json").is_file():
+        words = sorted({w for c in captions for w in c.lower().replace(":", " :").split()} | {"caption", ":"})
+        vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        from tokenizers import decoders
+        tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+        # Like Qwen3-Base: an EOS, no BOS, no pad token (the script must cope).
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(lm_dir)
+        lm_cfg = Qwen3Config(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                             tie_word_embeddings=True, eos_token_id=0, bos_token_id=None, pad_token_id=None)
+        Qwen3ForCausalLM(lm_cfg).save_pretrained(lm_dir)
+    return vision_dir, lm_dir
+
+
+def demo_config(cfg: Config) -> Config:
+    """Point the config at the demo's data and models (built on first use under CACHE_DIR/demo)."""
+    root = Path(cfg.cache_dir) / "demo"
+    data = make_demo_dataset(root / f"shapes-{cfg.demo_images}-seed{cfg.seed}", cfg.demo_images, cfg.seed)
+    captions = [t.format(c=c, s=s) for t in DEMO_TEMPLATES for c in DEMO_COLOURS for s in DEMO_SHAPES]
+    vision_dir, lm_dir = make_demo_models(root / "models", cfg.vision_encoder, cfg.seed, captions)
+    from transformers import AutoConfig
+    num_layers = AutoConfig.from_pretrained(lm_dir).num_hidden_layers
+    # A random LM has no language to keep, so every block trains (TOP_K = all).
+    return dataclasses.replace(cfg, dataset=str(data), vision_model=str(vision_dir), lm_model=str(lm_dir),
+                               top_k=num_layers, output_dir_models=str(root / "checkpoints"),
+                               cache_dir=str(root / "cache"))
+
+
+# =============================================================================================
+# Commands
+# =============================================================================================
+
+def prepare_data(cfg: Config, encoder: VisionEncoder, model: Captioner):
+    records, store, no_caption = load_records(cfg)
+    features, bad = cached_features(cfg, encoder, records, store)
+    skipped = {**{i: "no caption" for i in no_caption}, **bad}
+    check_bad_data(len(records) + len(no_caption), skipped, cfg)
+    by_id = {r.image_id: r for r in records}
+    parts = split_by_image([r.image_id for r in records], cfg.seed)
+    splits = {name: make_split(ids, features, by_id, model) for name, ids in parts.items()}
+    return splits, by_id, store
+
+
+def count_parameters(model: Captioner) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def banner(cfg: Config, device, dtype, splits=None, model=None) -> None:
+    log.info("config: " + ", ".join(f"{k}={v!r}" for k, v in cfg.public().items()))
+    log.info(f"device: {device}, dtype: {str(dtype).replace('torch.', '')}")
+    if splits:
+        log.info("data: " + ", ".join(f"{k} {len(s.ids)} images / {len(s.pairs)} captions" for k, s in splits.items()))
+    if model is not None:
+        total, trainable = count_parameters(model)
+        log.info(f"parameters: {total:,} in adapter + LM, {trainable:,} trainable ({trainable / total:.2%}); "
+                 f"top {cfg.top_k} of {len(decoder_blocks(model.lm))} LM blocks unfrozen")
+
+
+def wandb_footer(run) -> str:
+    if run is None or getattr(run, "disabled", False) or run.settings.mode == "disabled":
+        return "W&B: disabled"
+    if run.settings.mode == "offline":
+        return f"W&B: offline run in {Path(run.dir).parent}; upload with `wandb sync {Path(run.dir).parent}`"
+    return f"W&B: {run.url}"
+
+
+def cmd_train(cfg: Config, args, demo_flag: str) -> None:
+    device, dtype = resolve_device(cfg)
+    start_epoch, resume = 1, None
+    if args.resume:
+        path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
+        resume = read_checkpoint(path)
+        differing = [k.upper() for k in MODEL_KEYS + DATA_KEYS if resume["config"].get(k) != getattr(cfg, k)]
+        if differing:
+            raise UserError(f"{path} was trained with other values of {', '.join(differing)}; "
+                            "restore them to resume, or train without --resume", exit_code=2)
+        if resume["epoch"] >= cfg.epochs:
+            log.info(f"{path} already finished epoch {resume['epoch']} of EPOCHS={cfg.epochs}: nothing to resume")
+            return
+        start_epoch = resume["epoch"] + 1
+        log.info(f"resuming from {path} at epoch {start_epoch}")
+    encoder, model = build_model(cfg, device, dtype)
+    splits, by_id, store = prepare_data(cfg, encoder, model)
+    if not splits["train"].pairs or not splits["val"].ids:
+        raise UserError(f"too few images to split 80/10/10 ({sum(len(s.ids) for s in splits.values())} usable)")
+    opt = make_optimizer(model, cfg)
+    state = {"step": 0}
+    if resume:
+        load_weights(model, resume)
+        opt.load_state_dict(resume["optimizer"])
+        state["step"] = resume["step"]
+        set_rng_state(resume["rng"])
+    banner(cfg, device, dtype, splits, model)
+    run = init_wandb(cfg, "train", resume["wandb_run_id"] if resume else None,
+                     wandb_dir=str(Path(cfg.cache_dir).parent) if args.demo else None)
+    fixed_val = splits["val"].ids[:16]
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            train_loss = train_epoch(model, opt, splits["train"], cfg, epoch, state, run)
+            metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
+            metrics["train_loss"] = train_loss
+            run.log({**{f"val/{k}": v for k, v in metrics.items() if v is not None}, "epoch": epoch,
+                     "val/samples": sample_table(by_id, store, fixed_val, preds)}, step=state["step"])
+            path = save_checkpoint(model, opt, cfg, epoch, state["step"], metrics, run.id)
+            log.info(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
+                     f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f} -> {path}")
+            for i in fixed_val[:3]:
+                log.info(f"  {i}: {preds.get(i, '')!r}")
+        run.finish()
+    except BaseException as e:
+        run.finish(exit_code=exit_code_of(e))
+        raise
+    log.info(f"done: checkpoints in {cfg.output_dir_models}; {wandb_footer(run)}")
+    log.info(f"next: python multimodal_transfer_learning.py --test{demo_flag}")
+
+
+def exit_code_of(e: BaseException) -> int:
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, Stopped):
+        return 143
+    return getattr(e, "exit_code", 1)
+
+
+def cmd_test(cfg: Config, args) -> None:
+    path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
+    ckpt = read_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt, cfg)
+    device, dtype = resolve_device(cfg)
+    encoder, model = build_model(cfg, device, dtype)
+    load_weights(model, ckpt)
+    splits, by_id, store = prepare_data(cfg, encoder, model)
+    test = splits["test"]
+    banner(cfg, device, dtype, splits, model)
+    run = init_wandb(cfg, "test", wandb_dir=str(Path(cfg.cache_dir).parent) if args.demo else None)
+    try:
+        metrics, preds = evaluate(model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
+        decoding = {k: v for k, v in decoding_kwargs(cfg).items() if v is not None}
+        result = {"checkpoint": str(path), "epoch": ckpt["epoch"], "metrics": metrics, "decoding": decoding,
+                  "num_test_images": len(test.ids), "config": cfg.public()}
+        stem = path.with_suffix("")
+        atomic_write_text(Path(f"{stem}.test.json"), json.dumps(result, indent=2))
+        atomic_write_text(Path(f"{stem}.test_captions.jsonl"), "".join(
+            json.dumps({"image_id": i, "generated": preds[i], "references": by_id[i].captions}) + "\n" for i in preds))
+        append_results_row(cfg, path, ckpt, metrics)
+        run.log({**{f"test/{k}": v for k, v in metrics.items() if v is not None},
+                 "test/samples": sample_table(by_id, store, list(preds)[:16], preds)})
+        run.summary.update({f"test/{k}": v for k, v in metrics.items() if v is not None})
+        run.finish()
+    except BaseException as e:
+        run.finish(exit_code=exit_code_of(e))
+        raise
+    print(f"test results for {path} ({len(test.ids)} test images, retrieval pool {metrics.get('retrieval_pool', 0)}):")
+    print(format_table(metrics))
+    log.info(f"wrote {stem}.test.json and {stem}.test_captions.jsonl; {wandb_footer(run)}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+RESULT_COLUMNS = ("checkpoint", "vision_encoder", "top_k", "num_visual_tokens", "prompt", "decoding", "epochs",
+                  "loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1",
+                  "Recall@5", "Precision@1", "Precision@5", "T2I-Recall@1", "T2I-Recall@5", "retrieval_pool",
+                  "num_images")
+
+
+def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict) -> None:
+    """One row per --test run in results.csv, so ablations line up side by side."""
+    results = Path(cfg.output_dir_models) / "results.csv"
+    row = {"checkpoint": path.name, "vision_encoder": cfg.vision_encoder, "top_k": cfg.top_k,
+           "num_visual_tokens": cfg.num_visual_tokens, "prompt": cfg.prompt, "decoding": cfg.decoding,
+           "epochs": ckpt["epoch"], **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_COLUMNS}}
+    new = not results.is_file()
+    with open(results, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def cmd_caption(cfg: Config, args) -> int:
+    path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
+    ckpt = read_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt, cfg)
+    device, dtype = resolve_device(cfg)
+    encoder, model = build_model(cfg, device, dtype)
+    load_weights(model, ckpt)
+    model.eval()
+    failed = 0
+    for start in range(0, len(args.caption), cfg.eval_batch_size):
+        names, pixels = [], []
+        for name in args.caption[start: start + cfg.eval_batch_size]:
+            try:
+                with Image.open(name) as img:
+                    pixels.append(encoder.preprocess(img))
+                names.append(name)
+            except Exception as e:
+                failed += 1
+                reason = "no such file" if isinstance(e, FileNotFoundError) else f"cannot read image ({type(e).__name__}: {e})"
+                log.error(f"{name}: {reason}")
+        if names:
+            captions = generate_captions(model, encoder(torch.stack(pixels)), cfg, desc="captioning")
+            for name, caption in zip(names, captions):
+                print(f"{name}\t{caption}", flush=True)
+    return 1 if failed else 0
+
+
+def env_help() -> str:
+    lines = ["environment variables (also read from .env; see .env.example):"]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  {f.name.upper():<20} {f.metadata['help']} [default: {f.default!r}]"
+                     if not f.metadata["secret"] else f"  {f.name.upper():<20} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Turn a text-only LM into an image captioner (frozen encoder + "
+                                "MLP adapter + top-K LM blocks).", epilog=env_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    job = p.add_mutually_exclusive_group(required=True)
+    job.add_argument("--train", action="store_true", help="train, validate and checkpoint every epoch")
+    job.add_argument("--test", action="store_true", help="evaluate the last checkpoint on the test split")
+    job.add_argument("--caption", nargs="+", metavar="IMG", help="caption image files with the last checkpoint")
+    p.add_argument("--env-file", metavar="PATH", help="read this file instead of ./.env")
+    p.add_argument("--checkpoint", metavar="PATH", help="use this checkpoint instead of the last one")
+    p.add_argument("--resume", action="store_true", help="with --train: continue from the last checkpoint")
+    p.add_argument("--demo", action="store_true", help="offline demo: synthetic shapes and tiny random models")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of expected failures")
+    args = p.parse_args(argv)
+    if args.resume and not args.train:
+        p.error("--resume goes with --train")
+    return args
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging("DEBUG" if args.debug else "INFO")
+    code = 0
+    try:
+        cfg = load_config(read_environment(args.env_file, args.demo))
+        setup_logging("DEBUG" if args.debug else cfg.log_level, cfg.secrets())
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        if args.demo:
+            log.info("demo: synthetic shapes, a tiny random encoder and a tiny random Qwen3 — this proves the "
+                     "pipeline end to end, not the quality of pretrained models")
+            cfg = demo_config(cfg)
+        demo_flag = " --demo" if args.demo else ""
+        if args.train:
+            cmd_train(cfg, args, demo_flag)
+        elif args.test:
+            cmd_test(cfg, args)
+        else:
+            code = cmd_caption(cfg, args)
+    except UserError as e:
+        log.debug("traceback", exc_info=True)
+        log.error(str(e))
+        return e.exit_code
+    except (KeyboardInterrupt, Stopped) as e:
+        code = exit_code_of(e)
+        log.warning(f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'}); no partial checkpoint was written. "
+                    f"Continue with: python multimodal_transfer_learning.py --train --resume"
+                    f"{' --demo' if args.demo else ''}" if args.train else "stopped")
+        return code
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
