@@ -880,7 +880,7 @@ def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, st
         opt.zero_grad(set_to_none=True)
         state["step"] += 1
         rate = seen / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.1f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.1f}", refresh=False)
         if state["step"] % cfg.log_every == 0:
             run.log({"train/loss": loss.item(), "train/samples_per_s": rate,
                      "train/tokens_per_s": tokens / (time.perf_counter() - t0),
@@ -1171,8 +1171,12 @@ def sample_table(records_by_id, store, ids, preds):
 DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
                 "purple": (140, 50, 170), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (250, 250, 250)}
 DEMO_SHAPES = ("circle", "square", "triangle")
-DEMO_TEMPLATES = ("a {c} {s}", "a {c} {s} on a gray background", "a picture of a {c} {s}",
-                  "there is a {c} {s} in the image", "a single {c} {s}")
+DEMO_TEMPLATES = ("{a} {c} {s}", "{a} {c} {s} on a gray background", "a picture of {a} {c} {s}",
+                  "there is {a} {c} {s} in the image", "one {c} {s}")
+
+
+def demo_caption(template: str, colour: str, shape: str) -> str:
+    return template.format(a="an" if colour[0] in "aeiou" else "a", c=colour, s=shape)
 
 
 def demo_sample(index: int, seed: int) -> tuple[Image.Image, str, str]:
@@ -1203,7 +1207,7 @@ def make_demo_dataset(folder: Path, n: int, seed: int) -> Path:
             image, colour, shape = demo_sample(i, seed)
             name = f"images/{i:05d}.png"
             image.save(tmp / name)
-            fh.write(json.dumps({"file_name": name, "captions": [t.format(c=colour, s=shape) for t in DEMO_TEMPLATES]}) + "\n")
+            fh.write(json.dumps({"file_name": name, "captions": [demo_caption(t, colour, shape) for t in DEMO_TEMPLATES]}) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
@@ -1248,7 +1252,7 @@ def demo_config(cfg: Config) -> Config:
     """Point the config at the demo's data and models (built on first use under CACHE_DIR/demo)."""
     root = Path(cfg.cache_dir) / "demo"
     data = make_demo_dataset(root / f"shapes-{cfg.demo_images}-seed{cfg.seed}", cfg.demo_images, cfg.seed)
-    captions = [t.format(c=c, s=s) for t in DEMO_TEMPLATES for c in DEMO_COLOURS for s in DEMO_SHAPES]
+    captions = [demo_caption(t, c, s) for t in DEMO_TEMPLATES for c in DEMO_COLOURS for s in DEMO_SHAPES]
     vision_dir, lm_dir = make_demo_models(root / "models", cfg.vision_encoder, cfg.seed, captions)
     from transformers import AutoConfig
     num_layers = AutoConfig.from_pretrained(lm_dir).num_hidden_layers
