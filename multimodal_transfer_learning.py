@@ -161,7 +161,7 @@ SECRET_ENV = ("HF_TOKEN", "WANDB_API_KEY")
 DEMO_PRESET = {"EPOCHS": "6", "BATCH_SIZE": "32", "LR_ADAPTER": "2e-3", "LR_QWEN": "2e-3", "WARMUP_RATIO": "0.05",
                "NUM_VISUAL_TOKENS": "4", "ADAPTER_HIDDEN": "256", "PROMPT": "caption:", "MAX_CAPTION_TOKENS": "16",
                "MAX_NEW_TOKENS": "16", "VAL_CAPTION_IMAGES": "0", "RETRIEVAL_POOL": "50", "DEVICE": "cpu",
-               "DTYPE": "fp32", "NUM_WORKERS": "0", "NO_REPEAT_NGRAM": "0", "WANDB_MODE": "offline"}
+               "DTYPE": "fp32", "NUM_WORKERS": "0", "NO_REPEAT_NGRAM": "0"}
 
 
 def _parse_value(raw: str, typ):
@@ -198,7 +198,7 @@ def read_environment(env_file: str | None, demo: bool) -> dict[str, str]:
         raise UserError(f"--env-file {env_file}: no such file", exit_code=2)
     file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
     if demo:
-        file_values = {k: v for k, v in file_values.items() if k.startswith("WANDB_") or k in SECRET_ENV}
+        file_values = {k: v for k, v in file_values.items() if v and (k.startswith("WANDB_") or k in SECRET_ENV)}
         file_values = {**DEMO_PRESET, **file_values}
     return {**file_values, **os.environ}
 
@@ -1331,6 +1331,9 @@ def cmd_train(cfg: Config, args, demo_flag: str) -> None:
     run = init_wandb(cfg, "train", resume["wandb_run_id"] if resume else None,
                      wandb_dir=str(Path(cfg.cache_dir).parent) if args.demo else None)
     fixed_val = splits["val"].ids[:16]
+    if args.demo and not resume:
+        untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
+        log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             train_loss = train_epoch(model, opt, splits["train"], cfg, epoch, state, run)
