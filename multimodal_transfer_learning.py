@@ -636,11 +636,15 @@ def freeze_except_top_k(lm, top_k: int) -> list[nn.Module]:
     return top
 
 
+def decoder_base(lm):
+    """The LM without its head: returns hidden states, so the head can run where labels exist."""
+    return lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+
+
 def decoder_blocks(lm) -> nn.ModuleList:
-    base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    if not hasattr(base, "layers"):
+    if not hasattr(decoder_base(lm), "layers"):
         raise UserError(f"{type(lm).__name__} keeps no `model.layers`; only decoder-only LMs of that layout work")
-    return base.layers
+    return decoder_base(lm).layers
 
 
 class Captioner(nn.Module):
@@ -738,10 +742,6 @@ class Captioner(nn.Module):
                 row = row[: row.index(self.tokenizer.eos_token_id)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
-
-
-def decoder_base(lm):
-    return lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
 
 
 def decoding_kwargs(cfg: Config) -> dict:
@@ -856,10 +856,10 @@ def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, st
     model.train()
     total_steps = steps_per_epoch(len(train.pairs), cfg) * cfg.epochs
     params = [p for g in opt.param_groups for p in g["params"]]
-    micro = list(batches(train, cfg.batch_size, epoch_order(len(train.pairs), cfg.seed, epoch)))
+    n_micro = math.ceil(len(train.pairs) / cfg.batch_size)
     bar = progress(total=len(train.pairs), desc=f"epoch {epoch}/{cfg.epochs}", unit="pair")
     loss_sum, t0, seen, tokens = 0.0, time.perf_counter(), 0, 0
-    for i, (feats, caps) in enumerate(micro):
+    for i, (feats, caps) in enumerate(batches(train, cfg.batch_size, epoch_order(len(train.pairs), cfg.seed, epoch))):
         loss = model.loss(feats, caps)
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at step {state['step']} (epoch {epoch}); training stopped, "
@@ -869,7 +869,7 @@ def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, st
         seen += len(caps)
         tokens += sum(len(c) for c in caps)
         bar.update(len(caps))
-        if (i + 1) % cfg.grad_accum and i + 1 < len(micro):
+        if (i + 1) % cfg.grad_accum and i + 1 < n_micro:
             continue
         scale = get_lr_scale(state["step"], total_steps, cfg.warmup_ratio)
         for g in opt.param_groups:
@@ -887,7 +887,7 @@ def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, st
                      **{f"train/lr_{g['name']}": g["lr"] for g in opt.param_groups}, "epoch": epoch},
                     step=state["step"])
     bar.close()
-    return loss_sum / max(1, len(micro))
+    return loss_sum / max(1, n_micro)
 
 
 # =============================================================================================
@@ -930,7 +930,15 @@ def _ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
         log.warning("Java not found: captions are tokenized in Python and METEOR is reported as missing "
                     "(install a JRE for the standard numbers)")
         _JAVA_WARNED = True
-    return {k: [" ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", c.lower())) for c in v] for k, v in captions.items()}
+    return {k: [_simple_tokenize(c) for c in v] for k, v in captions.items()}
+
+
+def _simple_tokenize(caption: str) -> str:
+    """What the PTB tokenizer (minus punctuation) gives for ordinary captions, so numbers stay close
+    without Java: lower case, clitics split off ("dog's" -> "dog 's", "don't" -> "do n't"), hyphenated
+    words ("t-shirt") and decimals kept whole. Rare symbols (&, brackets, "u.s.") still differ."""
+    text = re.sub(r"(\w)n't\b", r"\1 n't", caption.lower())
+    return " ".join(re.findall(r"n't|'(?:s|re|ve|ll|d|m)\b|[^\W_]+(?:[-.][^\W_]+)*", text))
 
 
 def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float | None]:
@@ -945,15 +953,29 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     res = _ptb_tokenize({k: [predictions[k]] for k in keys})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
-    out["METEOR"] = None
-    if shutil.which("java"):
-        from pycocoevalcap.meteor.meteor import Meteor
-        meteor = Meteor()
-        out["METEOR"] = float(meteor.compute_score(gts, res)[0])
-        meteor.close() if hasattr(meteor, "close") else None
+    out["METEOR"] = _meteor(gts, res) if shutil.which("java") else None  # missing, never a fake 0
     out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return out
+
+
+def _meteor(gts: dict, res: dict) -> float | None:
+    """METEOR 1.5 through pycocoevalcap's Java wrapper; None if its JVM dies (e.g. no room for its
+    2 GB heap), so the other metrics of a long run survive. Version 1.2 has no close(): the JVM lives
+    until __del__, which takes a lock that a failed compute_score never releases (a hang at exit).
+    So the JVM is stopped here, whatever happens."""
+    import threading
+    from pycocoevalcap.meteor.meteor import Meteor
+    meteor = Meteor()
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    except (OSError, ValueError) as e:  # a broken pipe or an empty answer: the JVM is gone
+        log.warning(f"METEOR failed, its Java process stopped ({type(e).__name__}: {e}); reported as missing")
+        return None
+    finally:
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+        meteor.lock = threading.Lock()  # __del__ acquires it; this one cannot be left held
 
 
 def _ranked_hits(scores: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -967,8 +989,9 @@ def retrieval_metrics(scores: torch.Tensor, owner: torch.Tensor, ks=(1, 5)) -> d
     """scores: (N images, M captions); owner[m] = the image caption m describes.
 
     Image->text: Recall@K = share of images with an own caption in the top K; Precision@K =
-    mean share of the top K that are own captions. Text->image: T2I-Recall@K = share of
-    captions whose image ranks in the top K of the N images."""
+    mean share of the top K that are own captions (divided by K). Text->image: T2I-Recall@K =
+    share of captions whose image ranks in the top K of the N images. Ties are broken against
+    the model: among equal scores the wrong candidates rank first (a constant scorer gets Recall@1 = 0)."""
     n = scores.shape[0]
     own = owner[None, :] == torch.arange(n)[:, None]            # (N, M)
     i2t, t2i = _ranked_hits(scores, own), _ranked_hits(scores.T, own.T)
@@ -1040,13 +1063,14 @@ def checkpoint_path(cfg: Config, epoch: int) -> Path:
     return Path(cfg.output_dir_models) / f"{epoch}_{cfg.vision_encoder}_top{cfg.top_k}.pt"
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: never a truncated final file."""
+def atomic_write(path: Path, write) -> None:
+    """Call write(binary file) on a temp file in the same folder, fsync, then rename over `path`:
+    a crash or Ctrl-C mid-write never leaves a truncated file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -1054,6 +1078,10 @@ def atomic_save(obj, path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path: Path) -> None:
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def rng_state() -> dict:
@@ -1330,7 +1358,7 @@ def cmd_train(cfg: Config, args, demo_flag: str) -> None:
     banner(cfg, device, dtype, splits, model)
     run = init_wandb(cfg, "train", resume["wandb_run_id"] if resume else None,
                      wandb_dir=str(Path(cfg.cache_dir).parent) if args.demo else None)
-    fixed_val = splits["val"].ids[:16]
+    fixed_val = splits["val"].ids[:min(16, cfg.val_caption_images or 16)]  # only images that get a caption
     if args.demo and not resume:
         untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
         log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
@@ -1362,13 +1390,20 @@ def exit_code_of(e: BaseException) -> int:
     return getattr(e, "exit_code", 1)
 
 
-def cmd_test(cfg: Config, args) -> None:
+def load_trained(cfg: Config, args):
+    """The checkpoint (--checkpoint or the last one), the config it was trained with, and the model."""
     path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
     ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, cfg)
     device, dtype = resolve_device(cfg)
     encoder, model = build_model(cfg, device, dtype)
     load_weights(model, ckpt)
+    model.eval()
+    return cfg, path, ckpt, device, dtype, encoder, model
+
+
+def cmd_test(cfg: Config, args) -> None:
+    cfg, path, ckpt, device, dtype, encoder, model = load_trained(cfg, args)
     splits, by_id, store = prepare_data(cfg, encoder, model)
     test = splits["test"]
     banner(cfg, device, dtype, splits, model)
@@ -1379,9 +1414,10 @@ def cmd_test(cfg: Config, args) -> None:
         result = {"checkpoint": str(path), "epoch": ckpt["epoch"], "metrics": metrics, "decoding": decoding,
                   "num_test_images": len(test.ids), "config": cfg.public()}
         stem = path.with_suffix("")
-        atomic_write_text(Path(f"{stem}.test.json"), json.dumps(result, indent=2))
-        atomic_write_text(Path(f"{stem}.test_captions.jsonl"), "".join(
-            json.dumps({"image_id": i, "generated": preds[i], "references": by_id[i].captions}) + "\n" for i in preds))
+        atomic_write(Path(f"{stem}.test.json"), lambda fh: fh.write(json.dumps(result, indent=2).encode()))
+        lines = "".join(json.dumps({"image_id": i, "generated": preds[i], "references": by_id[i].captions}) + "\n"
+                        for i in preds)
+        atomic_write(Path(f"{stem}.test_captions.jsonl"), lambda fh: fh.write(lines.encode()))
         append_results_row(cfg, path, ckpt, metrics)
         run.log({**{f"test/{k}": v for k, v in metrics.items() if v is not None},
                  "test/samples": sample_table(by_id, store, list(preds)[:16], preds)})
@@ -1393,15 +1429,6 @@ def cmd_test(cfg: Config, args) -> None:
     print(f"test results for {path} ({len(test.ids)} test images, retrieval pool {metrics.get('retrieval_pool', 0)}):")
     print(format_table(metrics))
     log.info(f"wrote {stem}.test.json and {stem}.test_captions.jsonl; {wandb_footer(run)}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 RESULT_COLUMNS = ("checkpoint", "vision_encoder", "top_k", "num_visual_tokens", "prompt", "decoding", "epochs",
@@ -1425,13 +1452,7 @@ def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict) -> No
 
 
 def cmd_caption(cfg: Config, args) -> int:
-    path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
-    ckpt = read_checkpoint(path)
-    cfg = config_from_checkpoint(ckpt, cfg)
-    device, dtype = resolve_device(cfg)
-    encoder, model = build_model(cfg, device, dtype)
-    load_weights(model, ckpt)
-    model.eval()
+    cfg, _, _, _, _, encoder, model = load_trained(cfg, args)
     failed = 0
     for start in range(0, len(args.caption), cfg.eval_batch_size):
         names, pixels = [], []
