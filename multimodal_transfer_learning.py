@@ -32,6 +32,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,6 +238,11 @@ def validate_config(cfg: Config, skip=()) -> list[str]:
     for name in NON_NEGATIVE:
         if name not in skip and getattr(cfg, name) < 0:
             errors.append(f"{name.upper()}={getattr(cfg, name)!r} must be >= 0")
+    if "seed" not in skip and cfg.seed > 2**32 - 1:  # torch generators overflow on much larger seeds
+        errors.append(f"SEED={cfg.seed!r} is too large (allowed: 0..{2**32 - 1})")
+    for f in dataclasses.fields(cfg):  # a secret is judged but never echoed
+        if f.metadata["secret"] and re.search(r"[\s'\"]", getattr(cfg, f.name)):
+            errors.append(f"{f.name.upper()}=*** (hidden) contains spaces or quotes; paste the token alone")
     if "max_bad_fraction" not in skip and not 0 <= cfg.max_bad_fraction <= 1:
         errors.append(f"MAX_BAD_FRACTION={cfg.max_bad_fraction!r} must be between 0 and 1")
     if "warmup_ratio" not in skip and not 0 <= cfg.warmup_ratio < 1:
@@ -303,6 +309,7 @@ def setup_logging(level: str = "INFO", secrets: list[str] = ()) -> None:
     handler = _TqdmHandler()
     handler.setFormatter(colorlog.ColoredFormatter(
         "%(log_color)s%(asctime)s %(levelname)-7s%(reset)s %(message)s", datefmt="%H:%M:%S",
+        no_color=not sys.stderr.isatty(),  # plain text in log files and CI
         log_colors={"DEBUG": "cyan", "INFO": "green", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold_red"}))
     handler.addFilter(_Redact(list(secrets)))
     log.handlers[:] = [handler]
@@ -310,6 +317,9 @@ def setup_logging(level: str = "INFO", secrets: list[str] = ()) -> None:
     log.propagate = False
     import transformers
     transformers.logging.set_verbosity_error()  # load reports and fallback notices drown our own lines
+    transformers.logging.disable_progress_bar()  # per-tensor "Loading weights" bars clutter every start...
+    import huggingface_hub.utils
+    huggingface_hub.utils.enable_progress_bars()  # ...but multi-GB downloads deserve theirs
 
 
 def progress(iterable=None, **kw):
@@ -360,6 +370,15 @@ def _clean_captions(captions) -> list[str]:
     if isinstance(captions, str):
         captions = [captions]
     return [" ".join(str(c).split()) for c in captions or [] if c is not None and str(c).strip()]
+
+
+def check_dataset_path(cfg: Config) -> None:
+    """Cheap early check of a local DATASET (and IMAGE_DIR), so a typo fails before any model is loaded."""
+    source = Path(cfg.dataset).expanduser()
+    if not source.exists() and (cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.endswith(".json")):
+        raise UserError(f"DATASET={cfg.dataset}: no such image folder or Karpathy JSON (check the path)")
+    if source.is_file() and source.suffix == ".json" and cfg.image_dir and not Path(cfg.image_dir).expanduser().is_dir():
+        raise UserError(f"IMAGE_DIR={cfg.image_dir}: no such folder")
 
 
 def load_records(cfg: Config) -> tuple[list[Record], ImageStore, list[str]]:
@@ -733,9 +752,11 @@ class Captioner(nn.Module):
         with self.autocast():
             prefix = self.prefix_embeds(features).to(self.lm.dtype)
             mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
-            out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, use_cache=True,
-                                   eos_token_id=self.tokenizer.eos_token_id,
-                                   pad_token_id=self.tokenizer.pad_token_id, **decoding)
+            with warnings.catch_warnings():  # "n-gram blocking sees only the new tokens": what we want
+                warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+                out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, use_cache=True,
+                                       eos_token_id=self.tokenizer.eos_token_id,
+                                       pad_token_id=self.tokenizer.pad_token_id, **decoding)
         texts = []
         for row in out.tolist():  # with inputs_embeds only, generate returns just the new tokens
             if self.tokenizer.eos_token_id in row:
@@ -778,7 +799,9 @@ def call_hub(var: str, name: str, fn, *args, **kwargs):
         text = f"{type(e).__name__}: {e}"
         log.debug("hub failure", exc_info=True)
         local_hint = f"or point {var} at a local copy"
-        if isinstance(e, hub_errors.GatedRepoError) or "gated" in text.lower():
+        if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+            msg = f"{var}={name}: no such local directory (check the path, or give a hub id like owner/name)"
+        elif isinstance(e, hub_errors.GatedRepoError) or "gated" in text.lower():
             msg = f"{var}={name} is gated: accept its terms on huggingface.co and set HF_TOKEN"
         elif "401" in text or "Invalid credentials" in text or "Invalid user token" in text:
             msg = f"{var}={name}: the hub rejected HF_TOKEN (check or renew the token)"
@@ -787,7 +810,8 @@ def call_hub(var: str, name: str, fn, *args, **kwargs):
             msg = f"{var}={name} was not found on the hub: check the spelling, {local_hint}"
         elif isinstance(e, (OSError, ConnectionError, hub_errors.OfflineModeIsEnabled, hub_errors.HfHubHTTPError)) \
                 or "offline" in text.lower() or "connect" in text.lower():
-            msg = (f"{var}={name} could not be fetched (no network, or HF_HUB_OFFLINE=1 and it is not cached): "
+            msg = (f"{var}={name} could not be fetched (no network, or HF_HUB_OFFLINE=1 and it is not cached; "
+                   "offline a misspelled name looks the same, so check it too): "
                    f"download it where there is network (`hf download {name} --local-dir DIR`{' --repo-type dataset' if var == 'DATASET' else ''}) "
                    f"and set {var}=DIR")
         else:
@@ -887,6 +911,10 @@ def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, st
                      **{f"train/lr_{g['name']}": g["lr"] for g in opt.param_groups}, "epoch": epoch},
                     step=state["step"])
     bar.close()
+    broken = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if broken:  # a finite loss with non-finite gradients in the last step: never checkpoint such weights
+        raise UserError(f"the weights became non-finite ({broken}) by step {state['step']} (epoch {epoch}); training "
+                        "stopped, the last good checkpoint is kept: lower LR_ADAPTER/LR_QWEN or check the data")
     return loss_sum / max(1, n_micro)
 
 
@@ -1057,6 +1085,9 @@ MODEL_KEYS = ("vision_encoder", "vision_model", "lm_model", "top_k", "num_visual
               "prompt", "max_caption_tokens")
 DATA_KEYS = ("dataset", "dataset_split", "image_column", "caption_column", "id_column", "image_dir",
              "max_images", "seed")
+# May change on --resume (the current value applies), but then the run is no longer the uninterrupted one.
+RESUME_MAY_CHANGE = ("batch_size", "grad_accum", "epochs", "lr_adapter", "lr_qwen", "weight_decay", "warmup_ratio",
+                     "grad_clip")
 
 
 def checkpoint_path(cfg: Config, epoch: int) -> Path:
@@ -1129,7 +1160,11 @@ def read_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        why = (str(e).strip().splitlines() or [""])[0][:200]  # one line: torch's messages run to paragraphs
+        if why.startswith("Weights only load failed"):
+            why = "it holds more than tensors and plain containers, which torch.load(weights_only=True) refuses"
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {why}); it may be truncated or "
+                        "not written by this script: pass another --checkpoint or train again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
         raise UserError(f"{path} is not a checkpoint written by this script")
     return ckpt
@@ -1335,15 +1370,22 @@ def cmd_train(cfg: Config, args, demo_flag: str) -> None:
     if args.resume:
         path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
         resume = read_checkpoint(path)
-        differing = [k.upper() for k in MODEL_KEYS + DATA_KEYS if resume["config"].get(k) != getattr(cfg, k)]
+        differing = [f"{k.upper()}={getattr(cfg, k)!r} (checkpoint: {resume['config'].get(k)!r})"
+                     for k in MODEL_KEYS + DATA_KEYS if resume["config"].get(k) != getattr(cfg, k)]
         if differing:
-            raise UserError(f"{path} was trained with other values of {', '.join(differing)}; "
+            raise UserError(f"{path} was trained with other values: {'; '.join(differing)}; "
                             "restore them to resume, or train without --resume", exit_code=2)
+        changed = [f"{k.upper()}={getattr(cfg, k)!r} (checkpoint: {resume['config'][k]!r})" for k in RESUME_MAY_CHANGE
+                   if k in resume["config"] and resume["config"][k] != getattr(cfg, k)]
+        if changed:
+            log.warning("resuming with changed training values (the result will differ from an uninterrupted "
+                        "run): " + "; ".join(changed))
         if resume["epoch"] >= cfg.epochs:
             log.info(f"{path} already finished epoch {resume['epoch']} of EPOCHS={cfg.epochs}: nothing to resume")
             return
         start_epoch = resume["epoch"] + 1
         log.info(f"resuming from {path} at epoch {start_epoch}")
+    check_dataset_path(cfg)  # a wrong local path fails before any model is loaded
     encoder, model = build_model(cfg, device, dtype)
     splits, by_id, store = prepare_data(cfg, encoder, model)
     if not splits["train"].pairs or not splits["val"].ids:
@@ -1353,6 +1395,9 @@ def cmd_train(cfg: Config, args, demo_flag: str) -> None:
     if resume:
         load_weights(model, resume)
         opt.load_state_dict(resume["optimizer"])
+        for g in opt.param_groups:  # load_state_dict restores the old hyperparameters; the current config wins
+            g["base_lr"] = cfg.lr_adapter if g["name"] == "adapter" else cfg.lr_qwen
+            g["weight_decay"] = cfg.weight_decay
         state["step"] = resume["step"]
         set_rng_state(resume["rng"])
     banner(cfg, device, dtype, splits, model)
@@ -1530,7 +1575,8 @@ def main(argv=None) -> int:
         code = exit_code_of(e)
         log.warning(f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'}); no partial checkpoint was written. "
                     f"Continue with: python multimodal_transfer_learning.py --train --resume"
-                    f"{' --demo' if args.demo else ''}" if args.train else "stopped")
+                    f"{' --demo' if args.demo else ''}{f' --env-file {args.env_file}' if args.env_file else ''}"
+                    if args.train else "stopped")
         return code
     return code
 
