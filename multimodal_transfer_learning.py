@@ -372,24 +372,29 @@ def _clean_captions(captions) -> list[str]:
     return [" ".join(str(c).split()) for c in captions or [] if c is not None and str(c).strip()]
 
 
-def check_dataset_path(cfg: Config) -> None:
-    """Cheap early check of a local DATASET (and IMAGE_DIR), so a typo fails before any model is loaded."""
+def dataset_kind(cfg: Config) -> str:
+    """"karpathy", "folder" or "hub". Cheap, so a wrong local path fails before any model is loaded."""
     source = Path(cfg.dataset).expanduser()
-    if not source.exists() and (cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.endswith(".json")):
+    if source.is_file() and source.suffix == ".json":
+        if not cfg.image_dir:
+            raise UserError(f"DATASET={cfg.dataset} is a Karpathy JSON: set IMAGE_DIR to the folder holding its images", 2)
+        if not Path(cfg.image_dir).expanduser().is_dir():
+            raise UserError(f"IMAGE_DIR={cfg.image_dir}: no such folder")
+        return "karpathy"
+    if source.is_dir():
+        return "folder"
+    if source.exists() or cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.endswith(".json"):
         raise UserError(f"DATASET={cfg.dataset}: no such image folder or Karpathy JSON (check the path)")
-    if source.is_file() and source.suffix == ".json" and cfg.image_dir and not Path(cfg.image_dir).expanduser().is_dir():
-        raise UserError(f"IMAGE_DIR={cfg.image_dir}: no such folder")
+    return "hub"
 
 
 def load_records(cfg: Config) -> tuple[list[Record], ImageStore, list[str]]:
     """All usable records, the store that opens their images, and the ids skipped for no caption."""
-    source = Path(cfg.dataset).expanduser()
-    if source.is_file() and source.suffix == ".json":
+    kind, source = dataset_kind(cfg), Path(cfg.dataset).expanduser()
+    if kind == "karpathy":
         rows, store = _karpathy_rows(source, cfg), ImageStore()
-    elif source.is_dir():
+    elif kind == "folder":
         rows, store = _imagefolder_rows(source), ImageStore()
-    elif source.exists() or cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.endswith(".json"):
-        raise UserError(f"DATASET={cfg.dataset}: no such image folder or Karpathy JSON (check the path)")
     else:
         rows, store = _hub_rows(cfg)
     merged: dict[str, Record] = {}
@@ -406,11 +411,7 @@ def load_records(cfg: Config) -> tuple[list[Record], ImageStore, list[str]]:
 
 
 def _karpathy_rows(path: Path, cfg: Config):
-    if not cfg.image_dir:
-        raise UserError(f"DATASET={path} is a Karpathy JSON: set IMAGE_DIR to the folder holding its images", 2)
     image_dir = Path(cfg.image_dir).expanduser()
-    if not image_dir.is_dir():
-        raise UserError(f"IMAGE_DIR={cfg.image_dir}: no such folder")
     try:
         images = json.loads(path.read_text())["images"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -1105,9 +1106,17 @@ def atomic_write(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself survive a power cut
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "writ" in str(e)):  # torch wraps ENOSPC
+            raise UserError(f"could not write {path} ({str(e).splitlines()[0][:200]}); free disk space or "
+                            "check the folder's permissions — earlier files are intact") from e
         raise
 
 
@@ -1385,7 +1394,7 @@ def cmd_train(cfg: Config, args, demo_flag: str) -> None:
             return
         start_epoch = resume["epoch"] + 1
         log.info(f"resuming from {path} at epoch {start_epoch}")
-    check_dataset_path(cfg)  # a wrong local path fails before any model is loaded
+    dataset_kind(cfg)  # a wrong local path fails before any model is loaded
     encoder, model = build_model(cfg, device, dtype)
     splits, by_id, store = prepare_data(cfg, encoder, model)
     if not splits["train"].pairs or not splits["val"].ids:

@@ -496,8 +496,12 @@ def test_interrupted_save_never_leaves_a_truncated_file(tmp_path, monkeypatch, f
                 opened.append(_DiskFullAfter(os.fdopen(fd, *args, **kwargs), 10_000, exc))
                 return opened[-1]
         monkeypatch.setattr(mtl, "os", OsWithFailingFiles())
-    with pytest.raises(BaseException):
+    with pytest.raises(BaseException) as raised:
         mtl.atomic_save(payload, path)
+    if failure.startswith("disk"):  # one clear line for the user, not a traceback
+        assert isinstance(raised.value, mtl.UserError) and "could not write" in str(raised.value)
+    else:
+        assert not isinstance(raised.value, mtl.UserError)
     if opened:
         assert opened[0].written == 10_000  # the failure really came mid-write
     if old:
