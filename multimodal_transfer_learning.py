@@ -1114,10 +1114,20 @@ def atomic_write(path: Path, write) -> None:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "writ" in str(e)):  # torch wraps ENOSPC
-            raise UserError(f"could not write {path} ({str(e).splitlines()[0][:200]}); free disk space or "
-                            "check the folder's permissions — earlier files are intact") from e
+        cause = _os_error_in(e)
+        if cause:
+            raise UserError(f"could not write {path} ({cause}); free disk space or check the folder's "
+                            "permissions — earlier files are intact") from e
         raise
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind an exception, if any: torch.save re-raises ENOSPC as a RuntimeError."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_save(obj, path: Path) -> None:
