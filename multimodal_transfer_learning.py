@@ -1333,6 +1333,9 @@ def make_demo_models(root: Path, kind: str, seed: int, captions: list[str]) -> t
 def demo_config(cfg: Config) -> Config:
     """Point the config at the demo's data and models (built on first use under CACHE_DIR/demo)."""
     root = Path(cfg.cache_dir) / "demo"
+    # Tiny matrices: extra threads cost more than they give, and spin-waiting threads crawl
+    # (60x measured) as soon as anything else runs on the CPU.
+    torch.set_num_threads(1)
     data = make_demo_dataset(root / f"shapes-{cfg.demo_images}-seed{cfg.seed}", cfg.demo_images, cfg.seed)
     captions = [demo_caption(t, c, s) for t in DEMO_TEMPLATES for c in DEMO_COLOURS for s in DEMO_SHAPES]
     vision_dir, lm_dir = make_demo_models(root / "models", cfg.vision_encoder, cfg.seed, captions)
@@ -1518,9 +1521,9 @@ def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict) -> No
 def cmd_caption(cfg: Config, args) -> int:
     cfg, _, _, _, _, encoder, model = load_trained(cfg, args)
     failed = 0
-    for start in range(0, len(args.caption), cfg.eval_batch_size):
+    for start in range(0, len(args.images), cfg.eval_batch_size):
         names, pixels = [], []
-        for name in args.caption[start: start + cfg.eval_batch_size]:
+        for name in args.images[start: start + cfg.eval_batch_size]:
             try:
                 with Image.open(name) as img:
                     pixels.append(encoder.preprocess(img))
@@ -1551,7 +1554,8 @@ def parse_args(argv=None):
     job = p.add_mutually_exclusive_group(required=True)
     job.add_argument("--train", action="store_true", help="train, validate and checkpoint every epoch")
     job.add_argument("--test", action="store_true", help="evaluate the last checkpoint on the test split")
-    job.add_argument("--caption", nargs="+", metavar="IMG", help="caption image files with the last checkpoint")
+    job.add_argument("--caption", action="store_true", help="caption the image files IMG ... with the last checkpoint")
+    p.add_argument("images", nargs="*", metavar="IMG", help="image files for --caption")
     p.add_argument("--env-file", metavar="PATH", help="read this file instead of ./.env")
     p.add_argument("--checkpoint", metavar="PATH", help="use this checkpoint instead of the last one")
     p.add_argument("--resume", action="store_true", help="with --train: continue from the last checkpoint")
@@ -1560,6 +1564,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and not args.train:
         p.error("--resume goes with --train")
+    if args.caption != bool(args.images):
+        p.error("--caption needs at least one image path" if args.caption else "image paths go with --caption")
     return args
 
 
