@@ -21,7 +21,9 @@ What is compared, at equal batch size, in one run:
   then the same clipping and AdamW. Same model object, same pairs in the same order, one optimizer
   each. The two alternate step by step (so a neighbour's burst on a shared machine hits both), the
   warm-up steps are not timed, and rates are taken from the median timed step. On CPU the run
-  also records the share of its cores the process actually got and warns below 90%.
+  also records how much CPU time OTHER processes used meanwhile (/proc/stat minus this process)
+  and warns when it exceeds 10% of the machine: spin-waiting OpenMP threads crawl as soon as
+  anything else runs, so such timings say little.
 * peak memory of one training step, after a warm-up step (3 with --compile) so the AdamW state
   exists: each variant runs in a fresh subprocess. On CUDA: allocator peak minus what was allocated
   before the step. On CPU: the kernel's resident-set high-water mark (VmHWM) is reset by writing "5"
@@ -210,14 +212,32 @@ def matmul_peak(device: torch.device, bursts: int = 5) -> float:
     return best
 
 
+def busy_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, incl. the hypervisor's steal; this process's) or None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def others_share(before, after, wall: float) -> float | None:
+    """Share of the machine's CPUs that OTHER processes used between two busy_seconds() readings."""
+    if before is None or after is None or wall <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
 def run_timed(device: torch.device, fn):
-    """(fn(), wall seconds, share of this process's threads' time it actually ran: ~1 on a quiet CPU)."""
+    """(fn(), wall seconds, share of the CPUs other processes used meanwhile)."""
     sync(device)
-    t, c = time.perf_counter(), time.process_time()
+    t, b = time.perf_counter(), busy_seconds()
     out = fn()
     sync(device)
     wall = time.perf_counter() - t
-    return out, wall, (time.process_time() - c) / (wall * torch.get_num_threads())
+    return out, wall, others_share(b, busy_seconds(), wall)
 
 
 class _NoRun:
@@ -299,27 +319,20 @@ def time_training(model, encoder, cfg, split, batches, pixels, warmup: int, step
     opt_ours, opt_plain = mtl.make_optimizer(model, cfg), mtl.make_optimizer(model, cfg)
     params = [p for g in opt_plain.param_groups for p in g["params"]]
     ours, plain, peak, share = [], [], 0.0, {"ours": [], "plain": []}
-    threads = torch.get_num_threads()
     for i, (rows, caps) in enumerate(batches[: warmup + steps]):
         peak = max(peak, matmul_peak(device, bursts=2))
-        sync(device)
-        t, c = time.perf_counter(), time.process_time()
-        ours_step(model, cfg, opt_ours, split, rows, caps, i)
-        sync(device)
-        t_ours, c_ours = time.perf_counter() - t, time.process_time() - c
+        _, t_ours, o_ours = run_timed(device, lambda: ours_step(model, cfg, opt_ours, split, rows, caps, i))
         model.train()
-        t, c = time.perf_counter(), time.process_time()
-        plain_step(model, encoder, opt_plain, params, pixels[rows], caps, cfg.max_caption_tokens + 1, cfg.grad_clip)
-        sync(device)
-        t_plain, c_plain = time.perf_counter() - t, time.process_time() - c
+        max_len = cfg.max_caption_tokens + 1
+        _, t_plain, o_plain = run_timed(device, lambda: plain_step(model, encoder, opt_plain, params, pixels[rows],
+                                                                   caps, max_len, cfg.grad_clip))
         say(f"  step {i + 1}/{warmup + steps}{' (warm-up)' if i < warmup else ''}: ours {t_ours:.2f} s, "
             f"plain {t_plain:.2f} s; load average {os.getloadavg()[0]:.1f}")
         if i >= warmup:
             ours.append(t_ours)
             plain.append(t_plain)
-            # the share of the cores this process got (CPU): well below 1 means a neighbour took the rest
-            share["ours"].append(c_ours / (t_ours * threads))
-            share["plain"].append(c_plain / (t_plain * threads))
+            share["ours"].append(o_ours)
+            share["plain"].append(o_plain)
     del opt_ours, opt_plain
     return ours, plain, peak, share
 
@@ -596,7 +609,7 @@ def run_benchmark(args, root: Path) -> dict:
     R["generation"] = {"batched_captions": n_gen, "eval_batch_size": cfg.eval_batch_size, "batched_seconds": batched_s,
                        "batched_captions_per_s": n_gen / batched_s, "loop_captions": n_loop, "loop_seconds": loop_s,
                        "loop_captions_per_s": n_loop / loop_s, "max_new_tokens": cfg.max_new_tokens,
-                       "cpu_share": {"batched": batched_share, "loop": loop_share},
+                       "others_cpu_share": {"batched": batched_share, "loop": loop_share},
                        "mean_generated_words_batched": sum(len(c.split()) for c in batched_caps) / max(1, n_gen),
                        "mean_generated_words_loop": sum(len(c[0].split()) for c in loop_caps) / max(1, n_loop)}
 
@@ -614,7 +627,7 @@ def run_benchmark(args, root: Path) -> dict:
         med = lambda k: statistics.median(x[k] / x[3] for x in per_step)  # noqa: E731
         R["train"][name] = {"step_seconds": times, "samples_per_s": med(0), "useful_tokens_per_s": med(1),
                             "useful_flops_per_s": med(2), "useful_flops_share_of_peak": med(2) / peak,
-                            "mean_samples_per_s": timed_pairs / sum(times), "cpu_share": cpu_share[name]}
+                            "mean_samples_per_s": timed_pairs / sum(times), "others_cpu_share": cpu_share[name]}
     R["train"]["useful_flops_per_step"] = timed_flops / len(timed)
     R["train"]["mean_caption_tokens"] = timed_tokens / timed_pairs
     prefix = shape["visual_tokens"] + shape["prompt_tokens"]
@@ -698,15 +711,15 @@ def print_table(R: dict) -> None:
           f"{', '.join(f'{x:.2f}' for x in o['step_seconds'])} s (plain: "
           f"{', '.join(f'{x:.2f}' for x in p['step_seconds'])} s)")
     print(f"memory: {m['ours']['method']}")
-    if R["device"] == "cpu":
-        busy = {"training": statistics.median(o["cpu_share"] + p["cpu_share"]),
-                "batched generation": g["cpu_share"]["batched"], "generation loop": g["cpu_share"]["loop"]}
-        R["cpu_share"] = busy
-        low = {k: v for k, v in busy.items() if v < 0.9}
-        if low:
-            print("WARNING: other processes took CPU time from this run (share of its "
-                  f"{R['threads']} cores it got: {', '.join(f'{k} {v:.0%}' for k, v in low.items())}); "
-                  "those timings are unreliable, re-run on a quiet machine")
+    shares = o["others_cpu_share"] + p["others_cpu_share"]
+    if shares and None not in shares and g["others_cpu_share"]["batched"] is not None:
+        busy = {"training (max step)": max(shares), "batched generation": g["others_cpu_share"]["batched"],
+                "generation loop": g["others_cpu_share"]["loop"]}
+        R["others_cpu_share"] = busy
+        print("other processes used " + ", ".join(f"{v:.0%} of the CPUs during {k}" for k, v in busy.items()))
+        if R["device"] == "cpu" and max(busy.values()) > 0.1:
+            print("WARNING: the machine was shared while timing; on CPU that slows these timings a lot (OpenMP "
+                  "threads spin while a neighbour runs): re-run on a quiet machine for figures to quote")
     print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in R["targets"].items()))
 
 
