@@ -34,7 +34,10 @@ What is compared, at equal batch size, in one run:
   "total" = the absolute high-water mark, weights included.
 * generation: `mtl.generate_captions` (batched by EVAL_BATCH_SIZE, KV cache) against a loop that
   calls `Captioner.generate` one image at a time, both greedy with the script's decoding defaults.
-  With random weights no caption stops early, so both generate MAX_NEW_TOKENS tokens per caption.
+  With random weights no caption stops early, so both generate MAX_NEW_TOKENS tokens per caption
+  (measured before training, which would teach the random LM to stop at once). A trained model
+  favours the loop somewhat: each single caption stops at its own EOS (~15 tokens on Flickr)
+  while a batch runs until its longest caption ends; the prefill (23 positions) costs both alike.
 * feature extraction: an encoding epoch (`mtl.encode_images` over N JPEGs of 500x375, Flickr's usual
   size) against a cached epoch (`mtl.cached_features` called a second time: path + read).
 
