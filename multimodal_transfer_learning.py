@@ -702,12 +702,13 @@ class Captioner(nn.Module):
         prompt = self.lm.get_input_embeddings()(torch.tensor(self.prompt_ids, device=self.device, dtype=torch.long))
         return torch.cat([visual, prompt.to(visual.dtype).expand(visual.shape[0], -1, -1)], dim=1)
 
-    def build_inputs(self, features: torch.Tensor, caption_ids: list[list[int]]):
-        """inputs_embeds, attention_mask and labels for [visual][prompt][caption][EOS], right-padded.
+    def build_inputs(self, features: torch.Tensor, caption_ids: list[list[int]], pad_to: int = 0):
+        """inputs_embeds, attention_mask and labels for [visual][prompt][caption][EOS], right-padded
+        to the longest caption of the batch (or to `pad_to` caption tokens, for comparisons).
 
         Labels are -100 everywhere except at caption and EOS positions; padding is never supervised."""
         prefix = self.prefix_embeds(features)
-        B, P, L = prefix.shape[0], prefix.shape[1], max(len(c) for c in caption_ids)
+        B, P, L = prefix.shape[0], prefix.shape[1], max(pad_to, *(len(c) for c in caption_ids))
         ids = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros(B, P + L, dtype=torch.long)
         labels = torch.full((B, P + L), -100, dtype=torch.long)

@@ -293,20 +293,9 @@ def ours_step(model, cfg, opt, split, rows: list[int], caps: list[list[int]], st
 
 def plain_step(model, encoder, opt, params, pixels, caps, max_len: int, grad_clip: float) -> float:
     """The first recipe one writes: encode pixels every step, fixed padding, full-vocabulary logits."""
-    pad = model.tokenizer.pad_token_id
     with model.autocast():
-        feats = encoder(pixels)
-        prefix = model.prefix_embeds(feats)
-        B, P = prefix.shape[:2]
-        ids = torch.full((B, max_len), pad, dtype=torch.long)
-        mask = torch.zeros(B, P + max_len, dtype=torch.long)
-        labels = torch.full((B, P + max_len), -100, dtype=torch.long)
-        for b, c in enumerate(caps):
-            ids[b, : len(c)] = torch.tensor(c)
-            mask[b, : P + len(c)] = 1
-            labels[b, P: P + len(c)] = torch.tensor(c)
-        embeds = torch.cat([prefix, model.lm.get_input_embeddings()(ids.to(model.device)).to(prefix.dtype)], dim=1)
-        out = model.lm(inputs_embeds=embeds, attention_mask=mask.to(model.device), labels=labels.to(model.device))
+        embeds, mask, labels = model.build_inputs(encoder(pixels), caps, pad_to=max_len)
+        out = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
     out.loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)

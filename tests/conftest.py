@@ -112,22 +112,29 @@ def karpathy_json(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def base_env(tmp_path, tiny_lm_dir, tiny_clip_dir, image_folder) -> dict[str, str]:
-    """Environment for a small, fast, offline run on tiny models (real env vars override .env)."""
+def make_env(root: Path, lm_dir: Path, clip_dir: Path, dataset: Path, **overrides) -> dict[str, str]:
+    """Environment for a small, fast, offline run on tiny models under `root` (real env vars override .env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HF_"))}
     env.update({
-        "LM_MODEL": str(tiny_lm_dir), "VISION_MODEL": str(tiny_clip_dir), "VISION_ENCODER": "clip",
-        "DATASET": str(image_folder), "TOP_K": "1", "NUM_VISUAL_TOKENS": "2", "ADAPTER_HIDDEN": "16",
+        "LM_MODEL": str(lm_dir), "VISION_MODEL": str(clip_dir), "VISION_ENCODER": "clip",
+        "DATASET": str(dataset), "TOP_K": "1", "NUM_VISUAL_TOKENS": "2", "ADAPTER_HIDDEN": "16",
         "BATCH_SIZE": "8", "EVAL_BATCH_SIZE": "16", "EPOCHS": "2", "LR_ADAPTER": "1e-3", "LR_QWEN": "1e-3",
         "PROMPT": "caption:", "MAX_NEW_TOKENS": "6", "VAL_CAPTION_IMAGES": "4", "RETRIEVAL_POOL": "3",
         "NUM_WORKERS": "0", "DEVICE": "cpu", "DTYPE": "auto", "LOG_EVERY": "1",
-        "OUTPUT_DIR_MODELS": str(tmp_path / "models"), "CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true",
-        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+        "OUTPUT_DIR_MODELS": str(root / "models"), "CACHE_DIR": str(root / "cache"),
+        "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb"), "WANDB_SILENT": "true",
+        "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
     })
-    (tmp_path / "wandb").mkdir()
+    env.update({k: str(v) for k, v in overrides.items()})
+    for d in ("wandb", "hf"):
+        (root / d).mkdir(parents=True, exist_ok=True)
     return env
+
+
+@pytest.fixture
+def base_env(tmp_path, tiny_lm_dir, tiny_clip_dir, image_folder) -> dict[str, str]:
+    return make_env(tmp_path, tiny_lm_dir, tiny_clip_dir, image_folder)
 
 
 def run_script(args: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = 300,

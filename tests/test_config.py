@@ -1,7 +1,6 @@
 """Config: .env is read, real environment variables win, --env-file picks another file, and
 .env.example documents every variable with its default."""
 import dataclasses
-import os
 
 import pytest
 from dotenv import dotenv_values

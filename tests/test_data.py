@@ -1,7 +1,6 @@
 """Data: every accepted source gives one record per image with all its captions, and the split is
 by image, disjoint, complete, 80/10/10 and a function of the ids and SEED only."""
 import csv
-import json
 import random
 
 import datasets

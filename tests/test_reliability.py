@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, draw, run_script, write_images
+from conftest import ROOT, draw, make_env, run_script, write_images
 
 import multimodal_transfer_learning as mtl
 
@@ -39,24 +39,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def make_env(root: Path, lm_dir: Path, clip_dir: Path, dataset: Path, **overrides) -> dict[str, str]:
-    """What conftest's `base_env` gives, for a folder of our own (module-scoped runs can't use base_env)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HF_"))}
-    env.update({
-        "LM_MODEL": str(lm_dir), "VISION_MODEL": str(clip_dir), "VISION_ENCODER": "clip",
-        "DATASET": str(dataset), "TOP_K": "1", "NUM_VISUAL_TOKENS": "2", "ADAPTER_HIDDEN": "16",
-        "BATCH_SIZE": "8", "EVAL_BATCH_SIZE": "16", "EPOCHS": "2", "LR_ADAPTER": "1e-3", "LR_QWEN": "1e-3",
-        "PROMPT": "caption:", "MAX_NEW_TOKENS": "6", "VAL_CAPTION_IMAGES": "4", "RETRIEVAL_POOL": "3",
-        "NUM_WORKERS": "0", "DEVICE": "cpu", "DTYPE": "auto", "LOG_EVERY": "1",
-        "OUTPUT_DIR_MODELS": str(root / "models"), "CACHE_DIR": str(root / "cache"),
-        "WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb"), "WANDB_SILENT": "true",
-        "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    })
-    env.update({k: str(v) for k, v in overrides.items()})
-    for d in ("wandb", "hf"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    return env
 
 
 def path_without_java(folder: Path) -> str:

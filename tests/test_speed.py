@@ -31,14 +31,6 @@ def full_logits_loss(model, embeds, mask, labels):
     return out.loss
 
 
-def pad_more(model, embeds, mask, labels, extra: int):
-    """Append `extra` pad positions: the same batch under a larger fixed padding."""
-    B = embeds.shape[0]
-    pad = model.lm.get_input_embeddings()(torch.full((B, extra), model.tokenizer.pad_token_id))
-    return (torch.cat([embeds, pad.to(embeds.dtype)], 1), torch.cat([mask, torch.zeros(B, extra, dtype=mask.dtype)], 1),
-            torch.cat([labels, torch.full((B, extra), -100, dtype=labels.dtype)], 1))
-
-
 # ---- the loss at label positions only -----------------------------------------------------------
 
 def test_label_positions_loss_equals_the_full_logits_loss(tiny_model):
@@ -99,8 +91,9 @@ def test_dynamic_padding_gives_the_fixed_padding_loss(tiny_model):
     embeds, mask, labels = model.build_inputs(features, caps)
     longest = max(len(c) for c in caps)
     assert embeds.shape[1] == model.adapter.num_tokens + len(model.prompt_ids) + longest  # padded to the batch only
-    fixed = pad_more(model, embeds, mask, labels, cfg.max_caption_tokens + 1 - longest)
+    fixed = model.build_inputs(features, caps, pad_to=cfg.max_caption_tokens + 1)
     assert fixed[0].shape[1] > embeds.shape[1]
+    assert torch.equal(fixed[2][:, : labels.shape[1]], labels) and (fixed[2][:, labels.shape[1]:] == -100).all()
     assert abs(ours.item() - full_logits_loss(model, *fixed).item()) < 1e-5
 
 
