@@ -372,6 +372,11 @@ def _clean_captions(captions) -> list[str]:
     return [" ".join(str(c).split()) for c in captions or [] if c is not None and str(c).strip()]
 
 
+def looks_local(name: str) -> bool:
+    """A path, not a hub id (owner/name): missing paths get 'no such file', not a hub lookup."""
+    return name.startswith((".", "/", "~"))
+
+
 def dataset_kind(cfg: Config) -> str:
     """"karpathy", "folder" or "hub". Cheap, so a wrong local path fails before any model is loaded."""
     source = Path(cfg.dataset).expanduser()
@@ -383,7 +388,7 @@ def dataset_kind(cfg: Config) -> str:
         return "karpathy"
     if source.is_dir():
         return "folder"
-    if source.exists() or cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.endswith(".json"):
+    if source.exists() or looks_local(cfg.dataset) or cfg.dataset.endswith(".json"):
         raise UserError(f"DATASET={cfg.dataset}: no such image folder or Karpathy JSON (check the path)")
     return "hub"
 
@@ -801,7 +806,7 @@ def call_hub(var: str, name: str, fn, *args, **kwargs):
         text = f"{type(e).__name__}: {e}"
         log.debug("hub failure", exc_info=True)
         local_hint = f"or point {var} at a local copy"
-        if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        if looks_local(name) and not Path(name).expanduser().exists():
             msg = f"{var}={name}: no such local directory (check the path, or give a hub id like owner/name)"
         elif isinstance(e, hub_errors.GatedRepoError) or "gated" in text.lower():
             msg = f"{var}={name} is gated: accept its terms on huggingface.co and set HF_TOKEN"
@@ -1190,10 +1195,16 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def config_differences(cfg: Config, stored: dict, keys) -> list[str]:
+    """'VAR=current (checkpoint: stored)' for each of `keys` whose stored value differs."""
+    return [f"{k.upper()}={getattr(cfg, k)!r} (checkpoint: {stored[k]!r})" for k in keys
+            if k in stored and stored[k] != getattr(cfg, k)]
+
+
 def config_from_checkpoint(ckpt: dict, cfg: Config) -> Config:
     """The current config with the model- and data-defining values taken from the checkpoint."""
     stored = {k: ckpt["config"][k] for k in MODEL_KEYS + DATA_KEYS if k in ckpt["config"]}
-    changed = [f"{k.upper()}={getattr(cfg, k)!r} (checkpoint: {v!r})" for k, v in stored.items() if getattr(cfg, k) != v]
+    changed = config_differences(cfg, stored, stored)
     if changed:
         log.info("using the checkpoint's values for: " + "; ".join(changed))
     return dataclasses.replace(cfg, **stored)
@@ -1300,7 +1311,7 @@ def make_demo_models(root: Path, kind: str, seed: int, captions: list[str]) -> t
     """A tiny random encoder of the real architecture and a tiny random Qwen3 with a word-level tokenizer."""
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, Qwen3Config,
                               Qwen3ForCausalLM, ViTConfig, ViTImageProcessor, ViTModel)
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     vision_dir, lm_dir = root / f"{kind}-seed{seed}", root / f"qwen3-seed{seed}"
     torch.manual_seed(seed)
     if not (vision_dir / "config.json").is_file():
@@ -1320,7 +1331,6 @@ def make_demo_models(root: Path, kind: str, seed: int, captions: list[str]) -> t
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.normalizer = normalizers.Lowercase()
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        from tokenizers import decoders
         tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
         # Like Qwen3-Base: an EOS, no BOS, no pad token (the script must cope).
         PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(lm_dir)
@@ -1393,13 +1403,11 @@ def cmd_train(cfg: Config, args, demo_flag: str) -> None:
     if args.resume:
         path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
         resume = read_checkpoint(path)
-        differing = [f"{k.upper()}={getattr(cfg, k)!r} (checkpoint: {resume['config'].get(k)!r})"
-                     for k in MODEL_KEYS + DATA_KEYS if resume["config"].get(k) != getattr(cfg, k)]
+        differing = config_differences(cfg, resume["config"], MODEL_KEYS + DATA_KEYS)
         if differing:
             raise UserError(f"{path} was trained with other values: {'; '.join(differing)}; "
                             "restore them to resume, or train without --resume", exit_code=2)
-        changed = [f"{k.upper()}={getattr(cfg, k)!r} (checkpoint: {resume['config'][k]!r})" for k in RESUME_MAY_CHANGE
-                   if k in resume["config"] and resume["config"][k] != getattr(cfg, k)]
+        changed = config_differences(cfg, resume["config"], RESUME_MAY_CHANGE)
         if changed:
             log.warning("resuming with changed training values (the result will differ from an uninterrupted "
                         "run): " + "; ".join(changed))
