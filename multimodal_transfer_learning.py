@@ -21,6 +21,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -62,72 +63,137 @@ class Stopped(Exception):
 # =============================================================================================
 # Config
 # =============================================================================================
-# One flat, typed list of knobs. Each field's env variable is its name in upper case; the
-# metadata "help" is what --help and .env.example show. `load_config` is the only place that
-# reads the environment, and `validate_config` the only place that judges values.
+# One flat, typed list of knobs. Each field's env variable is its name in upper case, and each
+# field carries all of its rules: the help text (--help, .env.example), the allowed values, what
+# it defines (the model, the data, or training values that may change on --resume) and whether it
+# is secret. `load_config` is the only place that reads the environment and `config_errors` the
+# only place that judges values; every list of keys below is derived from the fields.
 
-def _f(default, help, secret=False):
-    return field(default=default, metadata={"help": help, "secret": secret}, repr=not secret)
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers: low/high bounds, each open (excluded) or closed."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        return ((self.low is None or (v > self.low if self.low_open else v >= self.low))
+                and (self.high is None or (v < self.high if self.high_open else v <= self.high)))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {self.low}"
+        return f"must be in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Allowed strings: a regular expression, and how to say it to a user."""
+    regex: str
+    says: str
+
+    def __contains__(self, v) -> bool:
+        return re.fullmatch(self.regex, v) is not None
+
+    def __str__(self) -> str:
+        return f"is not allowed (allowed: {self.says})"
+
+
+POSITIVE, NON_NEGATIVE = Range(0, low_open=True), Range(0)
+
+
+def _f(default, help, allowed=None, defines=None, secret=False):
+    """A config field. allowed: a tuple of choices, a Range or a Pattern. defines: "model" (rebuilding
+    the model needs it), "data" (the split and features depend on it) or "training" (may change on
+    --resume, with a warning)."""
+    return field(default=default, repr=not secret,
+                 metadata={"help": help, "allowed": allowed, "defines": defines, "secret": secret})
 
 
 @dataclass
 class Config:
     # --- model ---
-    vision_encoder: str = _f("clip", "clip (512-d projected image embedding) or vit (768-d CLS token)")
-    vision_model: str = _f("", "hub id or local dir; empty = openai/clip-vit-base-patch32 or google/vit-base-patch16-224-in21k")
-    lm_model: str = _f("Qwen/Qwen3-0.6B-Base", "decoder-only LM: hub id or local dir")
-    top_k: int = _f(3, "number of top decoder blocks to unfreeze, 0..num_layers")
-    num_visual_tokens: int = _f(16, "adapter output tokens")
-    adapter_hidden: int = _f(1024, "hidden width of the 2-layer MLP adapter")
-    prompt: str = _f("A short caption of the image:", "text between the visual tokens and the caption; may be empty")
-    max_caption_tokens: int = _f(48, "captions are truncated to this many tokens (EOS comes after)")
+    vision_encoder: str = _f("clip", "clip (512-d projected image embedding) or vit (768-d CLS token)",
+                             ("clip", "vit"), "model")
+    vision_model: str = _f("", "hub id or local dir; empty = openai/clip-vit-base-patch32 or google/vit-base-patch16-224-in21k",
+                           defines="model")
+    lm_model: str = _f("Qwen/Qwen3-0.6B-Base", "decoder-only LM: hub id or local dir", defines="model")
+    adapter: str = _f("mlp", "mlp (2-layer MLP over the image embedding) or qformer (queries cross-attend patch tokens)",
+                      ("mlp", "qformer"), "model")
+    num_visual_tokens: int = _f(16, "adapter output tokens", POSITIVE, "model")
+    adapter_hidden: int = _f(1024, "hidden width of the 2-layer MLP adapter", POSITIVE, "model")
+    qformer_layers: int = _f(2, "ADAPTER=qformer: query-transformer layers", POSITIVE, "model")
+    tuning: str = _f("topk", "topk (unfreeze the top TOP_K blocks) or lora (LoRA adapters on every block)",
+                     ("topk", "lora"), "model")
+    top_k: int = _f(3, "TUNING=topk: number of top decoder blocks to unfreeze, 0..num_layers", NON_NEGATIVE, "model")
+    lora_rank: int = _f(16, "TUNING=lora: rank of the LoRA matrices", POSITIVE, "model")
+    lora_alpha: int = _f(32, "TUNING=lora: LoRA scaling numerator (scale = alpha / rank)", POSITIVE, "model")
+    lora_dropout: float = _f(0.05, "TUNING=lora: dropout on the LoRA branch", Range(0, 1, high_open=True), "model")
+    qlora: bool = _f(False, "TUNING=lora: load the frozen LM in 4-bit NF4 (bitsandbytes, CUDA only)", defines="model")
+    prompt: str = _f("A short caption of the image:", "text between the visual tokens and the caption; may be empty",
+                     defines="model")
+    max_caption_tokens: int = _f(48, "captions are truncated to this many tokens (EOS comes after)", POSITIVE, "model")
     trust_remote_code: bool = _f(False, "allow model code from the hub (off: only transformers' own architectures)")
     # --- data ---
-    dataset: str = _f("lmms-lab/flickr30k", "hub dataset id, local image folder (metadata.jsonl/.csv), or Karpathy-format JSON")
-    dataset_split: str = _f("test", "hub split to read (lmms-lab/flickr30k keeps all 31,783 images in 'test'); we re-split 80/10/10")
-    image_column: str = _f("image", "hub dataset: image column")
-    caption_column: str = _f("caption", "hub dataset: caption column (a list of strings or one string)")
-    id_column: str = _f("filename", "hub dataset: image identifier column (the split is a function of these)")
-    image_dir: str = _f("", "image folder for a Karpathy-format JSON")
-    max_images: int = _f(0, "use only the first N images (sorted by id) before splitting; 0 = all")
-    max_bad_fraction: float = _f(0.05, "stop if more than this share of images is missing, undecodable or caption-less")
+    dataset: str = _f("lmms-lab/flickr30k", "hub dataset id, local image folder (metadata.jsonl/.csv), or Karpathy-format JSON",
+                      Pattern(r"\S.*", "a hub dataset id, a local image folder or a Karpathy JSON"), "data")
+    dataset_split: str = _f("test", "hub split to read (lmms-lab/flickr30k keeps all 31,783 images in 'test'); we re-split 80/10/10",
+                            defines="data")
+    image_column: str = _f("image", "hub dataset: image column", defines="data")
+    caption_column: str = _f("caption", "hub dataset: caption column (a list of strings or one string)", defines="data")
+    id_column: str = _f("filename", "hub dataset: image identifier column (the split is a function of these)",
+                        defines="data")
+    image_dir: str = _f("", "image folder for a Karpathy-format JSON", defines="data")
+    max_images: int = _f(0, "use only the first N images (sorted by id) before splitting; 0 = all", NON_NEGATIVE, "data")
+    max_bad_fraction: float = _f(0.05, "stop if more than this share of images is missing, undecodable or caption-less",
+                                 Range(0, 1))
     # --- training ---
-    batch_size: int = _f(32, "(image, caption) pairs per step")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    epochs: int = _f(3, "passes over every (image, caption) pair of the train split")
-    lr_adapter: float = _f(1e-3, "AdamW learning rate of the adapter")
-    lr_qwen: float = _f(2e-5, "AdamW learning rate of the unfrozen LM blocks")
-    weight_decay: float = _f(0.01, "AdamW weight decay (both groups)")
-    warmup_ratio: float = _f(0.05, "share of optimizer steps spent in linear warm-up before cosine decay")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
-    seed: int = _f(42, "seeds the split, the shuffling, the initialisation and sampling")
-    compile: bool = _f(False, "torch.compile each unfrozen block (CUDA; first steps are slower)")
+    batch_size: int = _f(32, "(image, caption) pairs per step", POSITIVE, "training")
+    grad_accum: int = _f(1, "micro-batches per optimizer step", POSITIVE, "training")
+    epochs: int = _f(3, "passes over every (image, caption) pair of the train split", POSITIVE, "training")
+    lr_adapter: float = _f(1e-3, "AdamW learning rate of the adapter", POSITIVE, "training")
+    lr_qwen: float = _f(2e-5, "AdamW learning rate of the trained LM weights (top-K blocks or LoRA)", POSITIVE, "training")
+    weight_decay: float = _f(0.01, "AdamW weight decay (both groups)", NON_NEGATIVE, "training")
+    warmup_ratio: float = _f(0.05, "share of optimizer steps spent in linear warm-up before cosine decay",
+                             Range(0, 1, high_open=True), "training")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off", NON_NEGATIVE, "training")
+    prompts: str = _f("", "several training prompts separated by ';', one drawn per pair (PROMPT is used for evaluation)",
+                      defines="training")
+    seed: int = _f(42, "seeds the split, the shuffling, the initialisation and sampling", Range(0, 2**32 - 1), "data")
+    compile: str = _f("auto", "auto (the fused fast path on CUDA, eager on CPU), 1 or 0 to force it", ("auto", "1", "0"))
     # --- evaluation and decoding ---
-    eval_batch_size: int = _f(64, "batch size of val/test loss, generation and retrieval scoring")
-    val_caption_images: int = _f(500, "val images whose generated captions are scored each epoch; 0 = all")
-    test_caption_images: int = _f(0, "test images whose generated captions are scored; 0 = all")
-    retrieval_pool: int = _f(100, "test images (with all their captions) in the retrieval pool; 0 = skip retrieval")
-    decoding: str = _f("greedy", "greedy, beam or sample")
-    num_beams: int = _f(3, "beam width for DECODING=beam")
+    eval_batch_size: int = _f(64, "batch size of val/test loss, generation and retrieval scoring", POSITIVE)
+    val_caption_images: int = _f(500, "val images whose generated captions are scored each epoch; 0 = all", NON_NEGATIVE)
+    test_caption_images: int = _f(0, "test images whose generated captions are scored; 0 = all", NON_NEGATIVE)
+    retrieval_pool: int = _f(100, "test images (with all their captions) in the retrieval pool; 0 = skip retrieval",
+                             NON_NEGATIVE)
+    decoding: str = _f("greedy", "greedy, beam or sample", ("greedy", "beam", "sample"))
+    num_beams: int = _f(3, "beam width for DECODING=beam", POSITIVE)
     length_penalty: float = _f(1.0, "beam length penalty (>1 favours longer captions)")
-    sample_top_k: int = _f(50, "DECODING=sample: keep the k most likely tokens; 0 = all")
-    temperature: float = _f(1.0, "DECODING=sample: softmax temperature")
-    top_p: float = _f(1.0, "DECODING=sample: nucleus probability mass; 1 = off")
-    no_repeat_ngram: int = _f(3, "never repeat an n-gram of this size in a caption; 0 = off")
-    max_new_tokens: int = _f(32, "longest generated caption, in tokens")
+    sample_top_k: int = _f(50, "DECODING=sample: keep the k most likely tokens; 0 = all", NON_NEGATIVE)
+    temperature: float = _f(1.0, "DECODING=sample: softmax temperature", POSITIVE)
+    top_p: float = _f(1.0, "DECODING=sample: nucleus probability mass; 1 = off", Range(0, 1, low_open=True))
+    no_repeat_ngram: int = _f(3, "never repeat an n-gram of this size in a caption; 0 = off", NON_NEGATIVE)
+    max_new_tokens: int = _f(32, "longest generated caption, in tokens", POSITIVE)
     # --- runtime ---
-    device: str = _f("auto", "auto (CUDA if present), cpu, cuda, cuda:N or mps")
-    dtype: str = _f("auto", "auto (bf16 on a GPU that supports it, else fp32), bf16 or fp32")
-    num_workers: int = _f(2, "image-decoding worker processes for feature extraction")
+    device: str = _f("auto", "auto (CUDA if present), cpu, cuda, cuda:N or mps",
+                     Pattern(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N, mps"))
+    dtype: str = _f("auto", "auto (bf16 on a GPU that supports it, else fp32), bf16 or fp32", ("auto", "bf16", "fp32"))
+    num_workers: int = _f(2, "image-decoding worker processes for feature extraction", NON_NEGATIVE)
     output_dir_models: str = _f(".data/models", "checkpoints, test results and results.csv")
     cache_dir: str = _f(".data/cache", "cached image features and the demo's data and models")
-    log_every: int = _f(10, "log training metrics every N optimizer steps")
-    log_level: str = _f("INFO", "DEBUG shows tracebacks of expected failures")
-    demo_images: int = _f(1500, "--demo: number of synthetic images")
+    log_every: int = _f(10, "log training metrics every N optimizer steps (the loss is read from the GPU only then)",
+                        POSITIVE)
+    log_level: str = _f("INFO", "DEBUG shows tracebacks of expected failures", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    demo_images: int = _f(1500, "--demo: number of synthetic images", POSITIVE)
+    demo_task: str = _f("shapes", "--demo: shapes (colour + shape) or position (the caption also says where the shape is)",
+                        ("shapes", "position"))
     # --- services ---
     wandb_project: str = _f("mlx8-w4-multimodal-transferlearning", "W&B project")
     wandb_entity: str = _f("", "W&B entity (team or user); empty = your default")
-    wandb_mode: str = _f("", "online, offline or disabled; empty = online if logged in, else offline")
+    wandb_mode: str = _f("", "online, offline or disabled; empty = online if logged in, else offline",
+                         ("", "online", "offline", "disabled"))
     hf_token: str = _f("", "Hugging Face token for gated/private repos (secret)", secret=True)
     wandb_api_key: str = _f("", "W&B API key (secret); `wandb login` works too", secret=True)
 
@@ -143,22 +209,22 @@ class Config:
     def vision_model_id(self) -> str:
         return self.vision_model or DEFAULT_VISION_MODELS.get(self.vision_encoder, "")
 
+    @property
+    def run_name(self) -> str:
+        """What tells variants apart in file names: clip_top3, vit_qformer_lora16, ..."""
+        adapter = "_qformer" if self.adapter == "qformer" else ""
+        tuning = f"lora{self.lora_rank}" if self.tuning == "lora" else f"top{self.top_k}"
+        return f"{self.vision_encoder}{adapter}_{tuning}"
+
+
+def keys_defining(what: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["defines"] == what)
+
 
 DEFAULT_VISION_MODELS = {"clip": "openai/clip-vit-base-patch32", "vit": "google/vit-base-patch16-224-in21k"}
-CHOICES = {
-    "vision_encoder": ("clip", "vit"),
-    "decoding": ("greedy", "beam", "sample"),
-    "dtype": ("auto", "bf16", "fp32"),
-    "wandb_mode": ("", "online", "offline", "disabled"),
-    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
-}
-POSITIVE = ("num_visual_tokens", "adapter_hidden", "max_caption_tokens", "batch_size", "grad_accum", "epochs",
-            "lr_adapter", "lr_qwen", "eval_batch_size", "num_beams", "temperature", "max_new_tokens", "log_every",
-            "demo_images")
-NON_NEGATIVE = ("top_k", "max_images", "weight_decay", "grad_clip", "val_caption_images", "test_caption_images",
-                "retrieval_pool", "sample_top_k", "no_repeat_ngram", "num_workers", "seed")
-SECRET_ENV = ("HF_TOKEN", "WANDB_API_KEY")
-# What --demo sets (real environment variables still win; see `load_config`).
+MODEL_KEYS, DATA_KEYS, TRAINING_KEYS = keys_defining("model"), keys_defining("data"), keys_defining("training")
+SECRET_ENV = tuple(f.name.upper() for f in dataclasses.fields(Config) if f.metadata["secret"])
+# What --demo sets (real environment variables still win; see `read_environment`).
 DEMO_PRESET = {"EPOCHS": "6", "BATCH_SIZE": "32", "LR_ADAPTER": "2e-3", "LR_QWEN": "2e-3", "WARMUP_RATIO": "0.05",
                "NUM_VISUAL_TOKENS": "4", "ADAPTER_HIDDEN": "256", "PROMPT": "caption:", "MAX_CAPTION_TOKENS": "16",
                "MAX_NEW_TOKENS": "16", "VAL_CAPTION_IMAGES": "0", "RETRIEVAL_POOL": "50", "DEVICE": "cpu",
@@ -205,7 +271,7 @@ def read_environment(env_file: str | None, demo: bool) -> dict[str, str]:
 
 
 def load_config(env: dict[str, str]) -> Config:
-    """Build and validate the config; all bad values are reported together (exit code 2)."""
+    """Parse and judge every variable; all bad values are reported together (exit code 2)."""
     types = {"int": int, "float": float, "bool": bool, "str": str}
     values, errors = {}, []
     for f in dataclasses.fields(Config):
@@ -216,43 +282,31 @@ def load_config(env: dict[str, str]) -> Config:
             except ValueError as e:
                 shown = "***" if f.metadata["secret"] else env[key]
                 errors.append(f"{key}={shown!r} {e}")
+    if isinstance(values.get("log_level"), str):
+        values["log_level"] = values["log_level"].upper()
     cfg = Config(**values)
-    errors += validate_config(cfg, skip={e.split("=")[0].lower() for e in errors})
+    errors += config_errors(cfg, skip={e.split("=")[0].lower() for e in errors})
     if errors:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(errors), exit_code=2)
     return cfg
 
 
-def validate_config(cfg: Config, skip=()) -> list[str]:
+def config_errors(cfg: Config, skip=()) -> list[str]:
+    """What is wrong with the values, one line each; judges, changes nothing."""
     errors = []
-    for name, allowed in CHOICES.items():
-        value = getattr(cfg, name)
-        if name == "log_level":
-            value = value.upper()
-            cfg.log_level = value
-        if name not in skip and value not in allowed:
-            errors.append(f"{name.upper()}={value!r} is not allowed (allowed: {', '.join(a or '(empty)' for a in allowed)})")
-    for name in POSITIVE:
-        if name not in skip and not getattr(cfg, name) > 0:
-            errors.append(f"{name.upper()}={getattr(cfg, name)!r} must be > 0")
-    for name in NON_NEGATIVE:
-        if name not in skip and getattr(cfg, name) < 0:
-            errors.append(f"{name.upper()}={getattr(cfg, name)!r} must be >= 0")
-    if "seed" not in skip and cfg.seed > 2**32 - 1:  # torch generators overflow on much larger seeds
-        errors.append(f"SEED={cfg.seed!r} is too large (allowed: 0..{2**32 - 1})")
+    for f in dataclasses.fields(cfg):
+        value, allowed = getattr(cfg, f.name), f.metadata["allowed"]
+        if f.name in skip or allowed is None:
+            continue
+        if isinstance(allowed, tuple) and value not in allowed:
+            errors.append(f"{f.name.upper()}={value!r} is not allowed (allowed: {', '.join(a or '(empty)' for a in allowed)})")
+        elif not isinstance(allowed, tuple) and value not in allowed:
+            errors.append(f"{f.name.upper()}={value!r} {allowed}")
     for f in dataclasses.fields(cfg):  # a secret is judged but never echoed
         if f.metadata["secret"] and re.search(r"[\s'\"]", getattr(cfg, f.name)):
             errors.append(f"{f.name.upper()}=*** (hidden) contains spaces or quotes; paste the token alone")
-    if "max_bad_fraction" not in skip and not 0 <= cfg.max_bad_fraction <= 1:
-        errors.append(f"MAX_BAD_FRACTION={cfg.max_bad_fraction!r} must be between 0 and 1")
-    if "warmup_ratio" not in skip and not 0 <= cfg.warmup_ratio < 1:
-        errors.append(f"WARMUP_RATIO={cfg.warmup_ratio!r} must be in [0, 1)")
-    if "top_p" not in skip and not 0 < cfg.top_p <= 1:
-        errors.append(f"TOP_P={cfg.top_p!r} must be in (0, 1]")
-    if "device" not in skip and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        errors.append(f"DEVICE={cfg.device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N, mps)")
-    if "dataset" not in skip and not cfg.dataset:
-        errors.append("DATASET is empty (allowed: a hub dataset id, a local image folder or a Karpathy JSON)")
+    if cfg.qlora and cfg.tuning != "lora":
+        errors.append(f"QLORA=1 needs TUNING=lora (got TUNING={cfg.tuning!r}): 4-bit weights cannot be trained directly")
     for name in ("output_dir_models", "cache_dir"):
         problem = _unwritable(Path(getattr(cfg, name)))
         if problem:
@@ -261,18 +315,19 @@ def validate_config(cfg: Config, skip=()) -> list[str]:
 
 
 def _unwritable(path: Path) -> str | None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        return e.strerror or str(e)
+    """Why files could not be written under `path` (created on first write), or None. Creates nothing."""
+    path = path.expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
     return None
 
 
 def check_top_k(cfg: Config, num_layers: int) -> None:
     """TOP_K can only be judged once the LM's config (not its weights) is known."""
-    if not 0 <= cfg.top_k <= num_layers:
+    if cfg.tuning == "topk" and not 0 <= cfg.top_k <= num_layers:
         raise UserError(f"TOP_K={cfg.top_k} is out of range (allowed: 0..{num_layers} for {cfg.lm_model})", exit_code=2)
 
 
@@ -322,7 +377,7 @@ def setup_logging(level: str = "INFO", secrets: list[str] = ()) -> None:
     huggingface_hub.utils.enable_progress_bars()  # ...but multi-GB downloads deserve theirs
 
 
-def progress(iterable=None, **kw):
+def progress_bar(iterable=None, **kw):
     """A tqdm bar; on a non-terminal (nohup, CI) it updates rarely instead of flooding the log."""
     kw.setdefault("mininterval", 1.0 if sys.stderr.isatty() else 30.0)
     kw.setdefault("dynamic_ncols", True)
@@ -528,7 +583,7 @@ def encode_images(records, store, encoder: VisionEncoder, cfg: Config) -> tuple[
                                          num_workers=cfg.num_workers, collate_fn=_keep_batch)
     feats = torch.zeros(len(records), encoder.dim)
     bad = {}
-    bar = progress(total=len(records), desc="encoding images", unit="img")
+    bar = progress_bar(total=len(records), desc="encoding images", unit="img")
     for items in loader:
         good = [(i, px) for i, px, _ in items if px is not None]
         bad.update({records[i].image_id: why for i, px, why in items if px is None})
@@ -627,12 +682,11 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16
 
 
-def load_lm_config(cfg: Config):
+def read_lm_config(cfg: Config):
+    """The LM's config.json only: enough to judge TOP_K before a multi-GB weight download."""
     from transformers import AutoConfig
-    lm_config = call_hub("LM_MODEL", cfg.lm_model, AutoConfig.from_pretrained, cfg.lm_model,
-                         token=cfg.hf_token or None, trust_remote_code=cfg.trust_remote_code)
-    check_top_k(cfg, lm_config.num_hidden_layers)
-    return lm_config
+    return call_hub("LM_MODEL", cfg.lm_model, AutoConfig.from_pretrained, cfg.lm_model,
+                    token=cfg.hf_token or None, trust_remote_code=cfg.trust_remote_code)
 
 
 def load_language_model(cfg: Config, device, dtype):
@@ -741,8 +795,9 @@ class Captioner(nn.Module):
         rows = where.nonzero()[:, 0]
         return losses, rows
 
-    def loss(self, features, caption_ids) -> torch.Tensor:
-        """Mean over all supervised tokens of the batch (as `model(..., labels=...)` would give)."""
+    def forward(self, features, caption_ids) -> torch.Tensor:
+        """The training loss: the mean over all supervised tokens of the batch (as `lm(..., labels=...)`
+        would give). A forward, so that wrappers (DistributedDataParallel) see the training call."""
         return self.token_losses(features, caption_ids)[0].mean()
 
     def caption_log_likelihood(self, features, caption_ids) -> torch.Tensor:
@@ -784,15 +839,20 @@ def decoding_kwargs(cfg: Config) -> dict:
 
 
 def build_model(cfg: Config, device, dtype) -> tuple[VisionEncoder, Captioner]:
-    load_lm_config(cfg)
+    check_top_k(cfg, read_lm_config(cfg).num_hidden_layers)
     encoder = VisionEncoder(cfg.vision_encoder, cfg.vision_model_id, cfg.hf_token, device, dtype)
     lm, tokenizer = load_language_model(cfg, device, dtype)
     torch.manual_seed(cfg.seed)  # the adapter's initialisation
     model = Captioner(cfg, encoder.dim, lm, tokenizer, device, dtype)
-    if cfg.compile:
+    if wants_compile(cfg, device):
         for block in model.top_blocks:
             block.compile()
     return encoder, model
+
+
+def wants_compile(cfg: Config, device: torch.device) -> bool:
+    """COMPILE=auto: the fused fast path where it pays (CUDA); eager on CPU, where compiling costs more than it wins."""
+    return cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda")
 
 
 def call_hub(var: str, name: str, fn, *args, **kwargs):
@@ -862,11 +922,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def make_optimizer(model: Captioner, cfg: Config) -> torch.optim.AdamW:
-    groups = [{"params": list(model.adapter.parameters()), "lr": cfg.lr_adapter, "base_lr": cfg.lr_adapter, "name": "adapter"}]
+    groups = [{"params": list(model.adapter.parameters()), "name": "adapter"}]
     lm_params = [p for p in model.lm.parameters() if p.requires_grad]
     if lm_params:
-        groups.append({"params": lm_params, "lr": cfg.lr_qwen, "base_lr": cfg.lr_qwen, "name": "lm"})
+        groups.append({"params": lm_params, "name": "lm"})
+    for g in groups:
+        g["lr"] = g["base_lr"] = base_lr(cfg, g["name"])
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=model.device.type == "cuda")
+
+
+def base_lr(cfg: Config, group: str) -> float:
+    """The learning rate of a parameter group before the schedule scales it."""
+    return cfg.lr_adapter if group == "adapter" else cfg.lr_qwen
 
 
 def get_lr_scale(step: int, total: int, warmup_ratio: float) -> float:
@@ -874,55 +941,105 @@ def get_lr_scale(step: int, total: int, warmup_ratio: float) -> float:
     warmup = max(1, round(warmup_ratio * total))
     if step < warmup:
         return (step + 1) / warmup
-    progress_ = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+    done = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def steps_per_epoch(num_pairs: int, cfg: Config) -> int:
     return math.ceil(math.ceil(num_pairs / cfg.batch_size) / cfg.grad_accum)
 
 
+def optimizer_steps(split: Split, cfg: Config, epoch: int):
+    """The epoch's micro-batches grouped by optimizer step: GRAD_ACCUM each, the last group maybe fewer."""
+    group = []
+    for batch in batches(split, cfg.batch_size, epoch_order(len(split.pairs), cfg.seed, epoch)):
+        group.append(batch)
+        if len(group) == cfg.grad_accum:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_step(model: Captioner, opt, micro_batches: list, grad_clip: float) -> torch.Tensor:
+    """One optimizer step over its micro-batches; returns their mean loss as a 0-d tensor left on the
+    device (reading it waits for the GPU, so the caller reads it only every LOG_EVERY steps).
+
+    Each micro-batch's loss is divided by the number of micro-batches in *this* step, so the last,
+    shorter step of an epoch averages what it holds instead of shrinking its gradient."""
+    total = torch.zeros((), device=model.device)
+    for features, caption_ids in micro_batches:
+        loss = model(features, caption_ids)
+        (loss / len(micro_batches)).backward()
+        total += loss.detach()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total / len(micro_batches)
+
+
+class LossWatch:
+    """The running training loss and the first non-finite one, kept on the device; `read` syncs once."""
+
+    def __init__(self, device):
+        self.total = torch.zeros((), device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+        self.count = self.read_total = self.read_count = 0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        first_bad = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first_bad, step, self.bad_step)
+        self.bad_loss = torch.where(first_bad, loss, self.bad_loss)
+        self.total += loss
+        self.count += 1
+
+    def read(self, epoch: int) -> float:
+        """Mean loss since the last read; stops the run if any loss since the start was not finite."""
+        bad_step, bad_loss, total = self.bad_step.item(), self.bad_loss.item(), self.total.item()
+        if bad_step >= 0:
+            raise UserError(f"the loss became {bad_loss} at step {bad_step} (epoch {epoch}); training stopped, the "
+                            "last good checkpoint is kept: lower LR_ADAPTER/LR_QWEN or check the data")
+        mean = (total - self.read_total) / max(1, self.count - self.read_count)
+        self.read_total, self.read_count = total, self.count
+        return mean
+
+    def epoch_mean(self, epoch: int) -> float:
+        self.read(epoch)
+        return self.read_total / max(1, self.count)
+
+
 def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, state: dict, run) -> float:
     """One pass over every (image, caption) pair of the train split. Returns the mean loss."""
     model.train()
     total_steps = steps_per_epoch(len(train.pairs), cfg) * cfg.epochs
-    params = [p for g in opt.param_groups for p in g["params"]]
-    n_micro = math.ceil(len(train.pairs) / cfg.batch_size)
-    bar = progress(total=len(train.pairs), desc=f"epoch {epoch}/{cfg.epochs}", unit="pair")
-    loss_sum, t0, seen, tokens = 0.0, time.perf_counter(), 0, 0
-    for i, (feats, caps) in enumerate(batches(train, cfg.batch_size, epoch_order(len(train.pairs), cfg.seed, epoch))):
-        loss = model.loss(feats, caps)
-        if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at step {state['step']} (epoch {epoch}); training stopped, "
-                            "the last good checkpoint is kept: lower LR_ADAPTER/LR_QWEN or check the data")
-        (loss / cfg.grad_accum).backward()
-        loss_sum += loss.item()
-        seen += len(caps)
-        tokens += sum(len(c) for c in caps)
-        bar.update(len(caps))
-        if (i + 1) % cfg.grad_accum and i + 1 < n_micro:
-            continue
+    watch = LossWatch(model.device)
+    bar = progress_bar(total=len(train.pairs), desc=f"epoch {epoch}/{cfg.epochs}", unit="pair")
+    t0, seen, tokens = time.perf_counter(), 0, 0
+    for micro_batches in optimizer_steps(train, cfg, epoch):
         scale = get_lr_scale(state["step"], total_steps, cfg.warmup_ratio)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        watch.add(train_step(model, opt, micro_batches, cfg.grad_clip), state["step"])
         state["step"] += 1
-        rate = seen / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.1f}", refresh=False)
+        pairs = sum(len(caps) for _, caps in micro_batches)
+        seen += pairs
+        tokens += sum(len(c) for _, caps in micro_batches for c in caps)
+        bar.update(pairs)
         if state["step"] % cfg.log_every == 0:
-            run.log({"train/loss": loss.item(), "train/samples_per_s": rate,
-                     "train/tokens_per_s": tokens / (time.perf_counter() - t0),
+            loss, elapsed = watch.read(epoch), time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{seen / elapsed:.1f}", refresh=False)
+            run.log({"train/loss": loss, "train/samples_per_s": seen / elapsed, "train/tokens_per_s": tokens / elapsed,
                      **{f"train/lr_{g['name']}": g["lr"] for g in opt.param_groups}, "epoch": epoch},
                     step=state["step"])
     bar.close()
+    mean = watch.epoch_mean(epoch)
     broken = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
     if broken:  # a finite loss with non-finite gradients in the last step: never checkpoint such weights
         raise UserError(f"the weights became non-finite ({broken}) by step {state['step']} (epoch {epoch}); training "
                         "stopped, the last good checkpoint is kept: lower LR_ADAPTER/LR_QWEN or check the data")
-    return loss_sum / max(1, n_micro)
+    return mean
 
 
 # =============================================================================================
@@ -933,12 +1050,12 @@ def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, st
 def split_loss(model: Captioner, split: Split, cfg: Config) -> float:
     """Mean token cross-entropy over every (image, caption) pair of a split."""
     model.eval()
-    total, count = 0.0, 0
-    for feats, caps in progress(batches(split, cfg.eval_batch_size, list(range(len(split.pairs)))),
-                                total=math.ceil(len(split.pairs) / cfg.eval_batch_size), desc="loss", unit="batch"):
-        losses, _ = model.token_losses(feats, caps)
-        total, count = total + losses.sum().item(), count + losses.numel()
-    return total / max(count, 1)
+    total, count = torch.zeros((), device=model.device), 0
+    for feats, caps in progress_bar(batches(split, cfg.eval_batch_size, list(range(len(split.pairs)))),
+                                    total=math.ceil(len(split.pairs) / cfg.eval_batch_size), desc="loss", unit="batch"):
+        total += model.token_losses(feats, caps)[0].sum()
+        count += sum(len(c) for c in caps)
+    return total.item() / max(count, 1)
 
 
 @torch.no_grad()
@@ -947,7 +1064,7 @@ def generate_captions(model: Captioner, features: torch.Tensor, cfg: Config, des
     out = []
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # sampling is reproducible and leaves the training RNG alone
-        for start in progress(range(0, len(features), cfg.eval_batch_size), desc=desc, unit="batch"):
+        for start in progress_bar(range(0, len(features), cfg.eval_batch_size), desc=desc, unit="batch"):
             out += model.generate(features[start: start + cfg.eval_batch_size], decoding_kwargs(cfg))
     return out
 
@@ -1048,7 +1165,7 @@ def retrieval_scores(model: Captioner, split: Split, pool: int, cfg: Config) -> 
     owner = torch.tensor([r for r, _ in caps])
     scores = torch.empty(n, len(caps))
     bs = cfg.eval_batch_size
-    for i in progress(range(n), desc=f"retrieval ({n} images x {len(caps)} captions)", unit="img"):
+    for i in progress_bar(range(n), desc=f"retrieval ({n} images x {len(caps)} captions)", unit="img"):
         for start in range(0, len(caps), bs):
             chunk = [c for _, c in caps[start: start + bs]]
             feats = split.features[i].expand(len(chunk), -1)
@@ -1084,21 +1201,42 @@ def format_table(metrics: dict) -> str:
 # =============================================================================================
 # Checkpoints
 # =============================================================================================
-# A checkpoint holds the trainable weights only, the public config to rebuild the model,
-# the metrics, and what resuming needs (optimizer, step, RNG, W&B run id). Plain tensors and
-# Python containers only, so `torch.load(..., weights_only=True)` reads it.
+# A checkpoint holds the trainable weights only, the public config to rebuild the model and the
+# metrics; the newest one of a run also holds what resuming needs (optimizer, RNG), which older
+# epochs drop (it is twice the size of the weights). Plain tensors and Python containers only, so
+# `torch.load(..., weights_only=True)` reads it.
 
-MODEL_KEYS = ("vision_encoder", "vision_model", "lm_model", "top_k", "num_visual_tokens", "adapter_hidden",
-              "prompt", "max_caption_tokens")
-DATA_KEYS = ("dataset", "dataset_split", "image_column", "caption_column", "id_column", "image_dir",
-             "max_images", "seed")
-# May change on --resume (the current value applies), but then the run is no longer the uninterrupted one.
-RESUME_MAY_CHANGE = ("batch_size", "grad_accum", "epochs", "lr_adapter", "lr_qwen", "weight_decay", "warmup_ratio",
-                     "grad_clip")
+CHECKPOINT_NAME = re.compile(r"(\d+)_(clip|vit)(_qformer)?_(?:top(\d+)|lora(\d+))\.pt")
 
 
 def checkpoint_path(cfg: Config, epoch: int) -> Path:
-    return Path(cfg.output_dir_models) / f"{epoch}_{cfg.vision_encoder}_top{cfg.top_k}.pt"
+    return Path(cfg.output_dir_models) / f"{epoch}_{cfg.run_name}.pt"
+
+
+def settings_in_name(name: str) -> dict[str, str] | None:
+    """What a checkpoint's file name says of its variant: {"VISION_ENCODER": "clip", "TOP_K": "3", ...}."""
+    m = CHECKPOINT_NAME.fullmatch(name)
+    if not m:
+        return None
+    tuning = {"TUNING": "lora", "LORA_RANK": m[5]} if m[5] else {"TUNING": "topk", "TOP_K": m[4]}
+    return {"VISION_ENCODER": m[2], "ADAPTER": "qformer" if m[3] else "mlp", **tuning}
+
+
+def find_last_checkpoint(cfg: Config) -> Path:
+    """The highest epoch of this configuration's variant (encoder, adapter, tuning) in OUTPUT_DIR_MODELS."""
+    folder = Path(cfg.output_dir_models)
+    pattern = re.compile(rf"(\d+)_{re.escape(cfg.run_name)}\.pt")
+    found = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := pattern.fullmatch(p.name))]
+    if found:
+        return max(found)[1]
+    others = []
+    for p in sorted(folder.glob("*.pt")):
+        settings = settings_in_name(p.name) or {}
+        differ = [f"{k}={v}" for k, v in settings.items() if str(getattr(cfg, k.lower())) != v]
+        others.append(f"{p.name} ({', '.join(differ)})" if differ else p.name)
+    raise UserError(f"no checkpoint {{epoch}}_{cfg.run_name}.pt in {folder} for the current settings "
+                    f"(found: {'; '.join(others) or 'none'}); train first, set the variables to match, "
+                    "or pass --checkpoint PATH")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -1164,19 +1302,17 @@ def save_checkpoint(model: Captioner, opt, cfg: Config, epoch: int, step: int, m
         "epoch": epoch, "step": step, "metrics": metrics,
         "optimizer": opt.state_dict(), "rng": rng_state(), "wandb_run_id": run_id,
     }, path)
+    previous = checkpoint_path(cfg, epoch - 1)
+    if previous.is_file():
+        drop_resume_state(previous)
     return path
 
 
-def find_last_checkpoint(cfg: Config) -> Path:
-    folder = Path(cfg.output_dir_models)
-    pattern = re.compile(rf"(\d+)_{cfg.vision_encoder}_top{cfg.top_k}\.pt")
-    found = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := pattern.fullmatch(p.name))]
-    if not found:
-        others = sorted(p.name for p in folder.glob("*.pt"))
-        raise UserError(f"no checkpoint {{epoch}}_{cfg.vision_encoder}_top{cfg.top_k}.pt in {folder} "
-                        f"(found: {', '.join(others) or 'none'}); train first, set VISION_ENCODER/TOP_K to match, "
-                        "or pass --checkpoint PATH")
-    return max(found)[1]
+def drop_resume_state(path: Path) -> None:
+    """Rewrite an older epoch's checkpoint without optimizer and RNG state: its weights still serve --test."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "optimizer" in ckpt:
+        atomic_save({k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}, path)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -1245,6 +1381,26 @@ def init_wandb(cfg: Config, job: str, run_id: str | None = None, wandb_dir: str 
         raise UserError(f"W&B could not start ({type(e).__name__}: {e}); set WANDB_MODE=offline or disabled") from None
 
 
+@contextlib.contextmanager
+def wandb_run(cfg: Config, job: str, run_id: str | None = None, demo: bool = False):
+    """A W&B run for the duration of a command, finished with the command's exit code."""
+    run = init_wandb(cfg, job, run_id, wandb_dir=str(Path(cfg.cache_dir).parent) if demo else None)
+    try:
+        yield run
+    except BaseException as e:
+        run.finish(exit_code=exit_code_of(e))
+        raise
+    run.finish()
+
+
+def exit_code_of(e: BaseException) -> int:
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, Stopped):
+        return 143
+    return getattr(e, "exit_code", 1)
+
+
 def sample_table(records_by_id, store, ids, preds):
     import wandb
     table = wandb.Table(columns=["image_id", "image", "generated", "references"])
@@ -1297,7 +1453,7 @@ def make_demo_dataset(folder: Path, n: int, seed: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     with open(tmp / "metadata.jsonl", "w") as fh:
-        for i in progress(range(n), desc="demo images", unit="img"):
+        for i in progress_bar(range(n), desc="demo images", unit="img"):
             image, colour, shape = demo_sample(i, seed)
             name = f"images/{i:05d}.png"
             image.save(tmp / name)
@@ -1341,29 +1497,33 @@ def make_demo_models(root: Path, kind: str, seed: int, captions: list[str]) -> t
     return vision_dir, lm_dir
 
 
-def demo_config(cfg: Config) -> Config:
-    """Point the config at the demo's data and models (built on first use under CACHE_DIR/demo)."""
+def make_demo_files(cfg: Config) -> dict[str, Path]:
+    """Write, once, the demo's image folder and its tiny random models under CACHE_DIR/demo."""
     root = Path(cfg.cache_dir) / "demo"
-    # Tiny matrices: extra threads cost more than they give, and spin-waiting threads crawl
-    # (60x measured) as soon as anything else runs on the CPU.
-    torch.set_num_threads(1)
     data = make_demo_dataset(root / f"shapes-{cfg.demo_images}-seed{cfg.seed}", cfg.demo_images, cfg.seed)
     captions = [demo_caption(t, c, s) for t in DEMO_TEMPLATES for c in DEMO_COLOURS for s in DEMO_SHAPES]
     vision_dir, lm_dir = make_demo_models(root / "models", cfg.vision_encoder, cfg.seed, captions)
+    return {"root": root, "dataset": data, "vision_model": vision_dir, "lm_model": lm_dir}
+
+
+def demo_config(cfg: Config, files: dict[str, Path]) -> Config:
+    """The config pointed at the demo's files. A random LM has no language to keep, so every block
+    trains (TOP_K = all)."""
     from transformers import AutoConfig
-    num_layers = AutoConfig.from_pretrained(lm_dir).num_hidden_layers
-    # A random LM has no language to keep, so every block trains (TOP_K = all).
-    return dataclasses.replace(cfg, dataset=str(data), vision_model=str(vision_dir), lm_model=str(lm_dir),
-                               top_k=num_layers, output_dir_models=str(root / "checkpoints"),
-                               cache_dir=str(root / "cache"))
+    num_layers = AutoConfig.from_pretrained(files["lm_model"]).num_hidden_layers
+    return dataclasses.replace(cfg, dataset=str(files["dataset"]), vision_model=str(files["vision_model"]),
+                               lm_model=str(files["lm_model"]), top_k=num_layers,
+                               output_dir_models=str(files["root"] / "checkpoints"),
+                               cache_dir=str(files["root"] / "cache"))
 
 
 # =============================================================================================
 # Commands
 # =============================================================================================
 
-def prepare_data(cfg: Config, encoder: VisionEncoder, model: Captioner):
-    records, store, no_caption = load_records(cfg)
+def prepare_data(cfg: Config, data, encoder: VisionEncoder, model: Captioner):
+    """Features (cached) and tokenized captions of the train/val/test splits."""
+    records, store, no_caption = data
     features, bad = cached_features(cfg, encoder, records, store)
     skipped = {**{i: "no caption" for i in no_caption}, **bad}
     check_bad_data(len(records) + len(no_caption), skipped, cfg)
@@ -1397,48 +1557,57 @@ def wandb_footer(run) -> str:
     return f"W&B: {run.url}"
 
 
-def cmd_train(cfg: Config, args, demo_flag: str) -> None:
+def checkpoint_to_resume(cfg: Config, args) -> tuple[Path, dict]:
+    """The checkpoint --resume continues (--checkpoint or the last one), checked against the config."""
+    path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
+    ckpt = read_checkpoint(path)
+    differing = config_differences(cfg, ckpt["config"], MODEL_KEYS + DATA_KEYS)
+    if differing:
+        raise UserError(f"{path} was trained with other values: {'; '.join(differing)}; "
+                        "restore them to resume, or train without --resume", exit_code=2)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{path} keeps only weights (the optimizer state lives in the newest checkpoint of its run): "
+                        "resume from that one", exit_code=2)
+    changed = config_differences(cfg, ckpt["config"], TRAINING_KEYS)
+    if changed:
+        log.warning("resuming with changed training values (the result will differ from an uninterrupted "
+                    "run): " + "; ".join(changed))
+    return path, ckpt
+
+
+def restore_run(model: Captioner, opt, ckpt: dict, cfg: Config) -> dict:
+    """Put weights, optimizer, RNG and step back as the checkpoint left them; returns the run state."""
+    load_weights(model, ckpt)
+    opt.load_state_dict(ckpt["optimizer"])
+    for g in opt.param_groups:  # load_state_dict restores the old hyperparameters; the current config wins
+        g["base_lr"] = base_lr(cfg, g["name"])
+        g["weight_decay"] = cfg.weight_decay
+    set_rng_state(ckpt["rng"])
+    return {"step": ckpt["step"]}
+
+
+def cmd_train(cfg: Config, args) -> None:
     device, dtype = resolve_device(cfg)
-    start_epoch, resume = 1, None
-    if args.resume:
-        path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
-        resume = read_checkpoint(path)
-        differing = config_differences(cfg, resume["config"], MODEL_KEYS + DATA_KEYS)
-        if differing:
-            raise UserError(f"{path} was trained with other values: {'; '.join(differing)}; "
-                            "restore them to resume, or train without --resume", exit_code=2)
-        changed = config_differences(cfg, resume["config"], RESUME_MAY_CHANGE)
-        if changed:
-            log.warning("resuming with changed training values (the result will differ from an uninterrupted "
-                        "run): " + "; ".join(changed))
-        if resume["epoch"] >= cfg.epochs:
-            log.info(f"{path} already finished epoch {resume['epoch']} of EPOCHS={cfg.epochs}: nothing to resume")
-            return
-        start_epoch = resume["epoch"] + 1
-        log.info(f"resuming from {path} at epoch {start_epoch}")
-    dataset_kind(cfg)  # a wrong local path fails before any model is loaded
+    resume = checkpoint_to_resume(cfg, args) if args.resume else None
+    if resume and resume[1]["epoch"] >= cfg.epochs:
+        log.info(f"{resume[0]} already finished epoch {resume[1]['epoch']} of EPOCHS={cfg.epochs}: nothing to resume")
+        return
+    data = load_records(cfg)  # a wrong dataset path fails before any model is loaded
     encoder, model = build_model(cfg, device, dtype)
-    splits, by_id, store = prepare_data(cfg, encoder, model)
+    splits, by_id, store = prepare_data(cfg, data, encoder, model)
     if not splits["train"].pairs or not splits["val"].ids:
         raise UserError(f"too few images to split 80/10/10 ({sum(len(s.ids) for s in splits.values())} usable)")
     opt = make_optimizer(model, cfg)
-    state = {"step": 0}
+    state = restore_run(model, opt, resume[1], cfg) if resume else {"step": 0}
+    start_epoch = resume[1]["epoch"] + 1 if resume else 1
     if resume:
-        load_weights(model, resume)
-        opt.load_state_dict(resume["optimizer"])
-        for g in opt.param_groups:  # load_state_dict restores the old hyperparameters; the current config wins
-            g["base_lr"] = cfg.lr_adapter if g["name"] == "adapter" else cfg.lr_qwen
-            g["weight_decay"] = cfg.weight_decay
-        state["step"] = resume["step"]
-        set_rng_state(resume["rng"])
+        log.info(f"resuming from {resume[0]} at epoch {start_epoch}")
     banner(cfg, device, dtype, splits, model)
-    run = init_wandb(cfg, "train", resume["wandb_run_id"] if resume else None,
-                     wandb_dir=str(Path(cfg.cache_dir).parent) if args.demo else None)
     fixed_val = splits["val"].ids[:min(16, cfg.val_caption_images or 16)]  # only images that get a caption
-    if args.demo and not resume:
-        untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
-        log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
-    try:
+    with wandb_run(cfg, "train", resume[1]["wandb_run_id"] if resume else None, args.demo) as run:
+        if args.demo and not resume:
+            untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
+            log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
         for epoch in range(start_epoch, cfg.epochs + 1):
             train_loss = train_epoch(model, opt, splits["train"], cfg, epoch, state, run)
             metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
@@ -1450,24 +1619,24 @@ def cmd_train(cfg: Config, args, demo_flag: str) -> None:
                      f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f} -> {path}")
             for i in fixed_val[:3]:
                 log.info(f"  {i}: {preds.get(i, '')!r}")
-        run.finish()
-    except BaseException as e:
-        run.finish(exit_code=exit_code_of(e))
-        raise
     log.info(f"done: checkpoints in {cfg.output_dir_models}; {wandb_footer(run)}")
-    log.info(f"next: python multimodal_transfer_learning.py --test{demo_flag}")
+    log.info(f"next: python multimodal_transfer_learning.py --test{' --demo' if args.demo else ''}")
 
 
-def exit_code_of(e: BaseException) -> int:
-    if isinstance(e, KeyboardInterrupt):
-        return 130
-    if isinstance(e, Stopped):
-        return 143
-    return getattr(e, "exit_code", 1)
+@dataclass
+class Trained:
+    """A trained model as --test and --caption use it: rebuilt from a checkpoint's stored config."""
+    cfg: Config
+    path: Path
+    checkpoint: dict
+    device: torch.device
+    dtype: torch.dtype
+    encoder: VisionEncoder
+    model: Captioner
 
 
-def load_trained(cfg: Config, args):
-    """The checkpoint (--checkpoint or the last one), the config it was trained with, and the model."""
+def load_trained(cfg: Config, args) -> Trained:
+    """The checkpoint (--checkpoint or the last one) and the model it holds."""
     path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
     ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, cfg)
@@ -1475,60 +1644,65 @@ def load_trained(cfg: Config, args):
     encoder, model = build_model(cfg, device, dtype)
     load_weights(model, ckpt)
     model.eval()
-    return cfg, path, ckpt, device, dtype, encoder, model
+    return Trained(cfg, path, ckpt, device, dtype, encoder, model)
 
 
 def cmd_test(cfg: Config, args) -> None:
-    cfg, path, ckpt, device, dtype, encoder, model = load_trained(cfg, args)
-    splits, by_id, store = prepare_data(cfg, encoder, model)
+    t = load_trained(cfg, args)
+    cfg, path = t.cfg, t.path
+    splits, by_id, store = prepare_data(cfg, load_records(cfg), t.encoder, t.model)
     test = splits["test"]
-    banner(cfg, device, dtype, splits, model)
-    run = init_wandb(cfg, "test", wandb_dir=str(Path(cfg.cache_dir).parent) if args.demo else None)
-    try:
-        metrics, preds = evaluate(model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
+    banner(cfg, t.device, t.dtype, splits, t.model)
+    with wandb_run(cfg, "test", demo=args.demo) as run:
+        metrics, preds = evaluate(t.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
         decoding = {k: v for k, v in decoding_kwargs(cfg).items() if v is not None}
-        result = {"checkpoint": str(path), "epoch": ckpt["epoch"], "metrics": metrics, "decoding": decoding,
+        result = {"checkpoint": str(path), "epoch": t.checkpoint["epoch"], "metrics": metrics, "decoding": decoding,
                   "num_test_images": len(test.ids), "config": cfg.public()}
         stem = path.with_suffix("")
         atomic_write(Path(f"{stem}.test.json"), lambda fh: fh.write(json.dumps(result, indent=2).encode()))
         lines = "".join(json.dumps({"image_id": i, "generated": preds[i], "references": by_id[i].captions}) + "\n"
                         for i in preds)
         atomic_write(Path(f"{stem}.test_captions.jsonl"), lambda fh: fh.write(lines.encode()))
-        append_results_row(cfg, path, ckpt, metrics)
+        append_results_row(cfg, path, t.checkpoint, metrics)
         run.log({**{f"test/{k}": v for k, v in metrics.items() if v is not None},
                  "test/samples": sample_table(by_id, store, list(preds)[:16], preds)})
         run.summary.update({f"test/{k}": v for k, v in metrics.items() if v is not None})
-        run.finish()
-    except BaseException as e:
-        run.finish(exit_code=exit_code_of(e))
-        raise
     print(f"test results for {path} ({len(test.ids)} test images, retrieval pool {metrics.get('retrieval_pool', 0)}):")
     print(format_table(metrics))
     log.info(f"wrote {stem}.test.json and {stem}.test_captions.jsonl; {wandb_footer(run)}")
 
 
-RESULT_COLUMNS = ("checkpoint", "vision_encoder", "top_k", "num_visual_tokens", "prompt", "decoding", "epochs",
-                  "loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1",
+RESULT_METRICS = ("loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1",
                   "Recall@5", "Precision@1", "Precision@5", "T2I-Recall@1", "T2I-Recall@5", "retrieval_pool",
                   "num_images")
+RESULT_COLUMNS = ("checkpoint", *MODEL_KEYS, "decoding", "epochs", *RESULT_METRICS)
 
 
 def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict) -> None:
-    """One row per --test run in results.csv, so ablations line up side by side."""
+    """One row per --test run in results.csv, so ablations line up side by side. A file written
+    with other columns (an older version) is rewritten with the union, so no row is lost."""
     results = Path(cfg.output_dir_models) / "results.csv"
-    row = {"checkpoint": path.name, "vision_encoder": cfg.vision_encoder, "top_k": cfg.top_k,
-           "num_visual_tokens": cfg.num_visual_tokens, "prompt": cfg.prompt, "decoding": cfg.decoding,
-           "epochs": ckpt["epoch"], **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_COLUMNS}}
-    new = not results.is_file()
-    with open(results, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    row = {"checkpoint": path.name, **{k: getattr(cfg, k) for k in MODEL_KEYS}, "decoding": cfg.decoding,
+           "epochs": ckpt["epoch"], **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_METRICS}}
+    rows, columns = [], list(RESULT_COLUMNS)
+    if results.is_file():
+        with open(results, newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns += [c for c in reader.fieldnames or [] if c not in columns]
+
+    def write(fh):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows([*rows, row])
+        fh.write(text.getvalue().encode())
+    atomic_write(results, write)
 
 
 def cmd_caption(cfg: Config, args) -> int:
-    cfg, _, _, _, _, encoder, model = load_trained(cfg, args)
+    t = load_trained(cfg, args)
+    cfg, encoder = t.cfg, t.encoder
     failed = 0
     for start in range(0, len(args.images), cfg.eval_batch_size):
         names, pixels = [], []
@@ -1542,7 +1716,7 @@ def cmd_caption(cfg: Config, args) -> int:
                 reason = "no such file" if isinstance(e, FileNotFoundError) else f"cannot read image ({type(e).__name__}: {e})"
                 log.error(f"{name}: {reason}")
         if names:
-            captions = generate_captions(model, encoder(torch.stack(pixels)), cfg, desc="captioning")
+            captions = generate_captions(t.model, encoder(torch.stack(pixels)), cfg, desc="captioning")
             for name, caption in zip(names, captions):
                 print(f"{name}\t{caption}", flush=True)
     return 1 if failed else 0
@@ -1593,10 +1767,12 @@ def main(argv=None) -> int:
         if args.demo:
             log.info("demo: synthetic shapes, a tiny random encoder and a tiny random Qwen3 — this proves the "
                      "pipeline end to end, not the quality of pretrained models")
-            cfg = demo_config(cfg)
-        demo_flag = " --demo" if args.demo else ""
+            # Tiny matrices: extra threads cost more than they give, and spin-waiting threads crawl
+            # (60x measured) as soon as anything else runs on the CPU.
+            torch.set_num_threads(1)
+            cfg = demo_config(cfg, make_demo_files(cfg))
         if args.train:
-            cmd_train(cfg, args, demo_flag)
+            cmd_train(cfg, args)
         elif args.test:
             cmd_test(cfg, args)
         else:
