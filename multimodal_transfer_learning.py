@@ -855,6 +855,29 @@ def wants_compile(cfg: Config, device: torch.device) -> bool:
     return cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda")
 
 
+def go_offline_if_hub_unreachable(cfg: Config, timeout: float = 5.0) -> None:
+    """Unless HF_HUB_OFFLINE is set and something is to come from the hub: if the hub does not answer
+    within `timeout`, work offline for this run (cached copies still load) instead of letting the hub
+    client retry every file with back-off for ~25 s before failing."""
+    import httpx
+    from huggingface_hub import constants
+    hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if n and not Path(n).expanduser().exists()
+                 and not looks_local(n)]
+    if constants.HF_HUB_OFFLINE or not hub_names:
+        return
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout, trust_env=True)  # any HTTP answer means reachable
+        return
+    except httpx.HTTPError as e:
+        reason = f"{type(e).__name__}: {e}"
+    log.warning(f"the Hugging Face Hub ({constants.ENDPOINT}) is unreachable ({reason}); "
+                "working offline from cached copies (set HF_HUB_OFFLINE=1 to skip this check)")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for worker processes
+    constants.HF_HUB_OFFLINE = True
+    import datasets.config
+    datasets.config.HF_HUB_OFFLINE = True
+
+
 def call_hub(var: str, name: str, fn, *args, **kwargs):
     """Run a hub loader; turn the usual failures into one line that names the fix."""
     from huggingface_hub import errors as hub_errors
@@ -879,7 +902,7 @@ def call_hub(var: str, name: str, fn, *args, **kwargs):
                 or "offline" in text.lower() or "connect" in text.lower():
             msg = (f"{var}={name} could not be fetched (no network, or HF_HUB_OFFLINE=1 and it is not cached; "
                    "offline a misspelled name looks the same, so check it too): "
-                   f"download it where there is network (`hf download {name} --local-dir DIR`{' --repo-type dataset' if var == 'DATASET' else ''}) "
+                   f"download it where there is network (`hf download {name}{' --repo-type dataset' if var == 'DATASET' else ''} --local-dir DIR`) "
                    f"and set {var}=DIR")
         else:
             raise
@@ -1771,6 +1794,7 @@ def main(argv=None) -> int:
             # (60x measured) as soon as anything else runs on the CPU.
             torch.set_num_threads(1)
             cfg = demo_config(cfg, make_demo_files(cfg))
+        go_offline_if_hub_unreachable(cfg)
         if args.train:
             cmd_train(cfg, args)
         elif args.test:
