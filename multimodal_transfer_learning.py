@@ -667,6 +667,9 @@ class Adapter(nn.Module):
         return self.net(x).view(x.shape[0], self.num_tokens, self.lm_dim)
 
 
+LENGTH_BUCKETS = 4  # text lengths the compiled fast path pads to: at most 4 graphs for training, 4 for evaluation
+
+
 def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     """DTYPE=auto: bf16 on a GPU that supports it; fp32 on CPU, where bf16 matmuls crawl."""
     if cfg.device == "auto":
@@ -727,7 +730,7 @@ def decoder_blocks(lm) -> nn.ModuleList:
 
 
 class Captioner(nn.Module):
-    """Adapter + LM. Holds the tokenizer, the prompt and the precision policy in one place."""
+    """Adapter + LM. Holds the tokenizer, the prompts, the precision policy and the input shapes in one place."""
 
     def __init__(self, cfg: Config, feature_dim: int, lm, tokenizer, device, dtype):
         super().__init__()
@@ -735,10 +738,24 @@ class Captioner(nn.Module):
         hidden = lm.get_input_embeddings().embedding_dim
         self.adapter = Adapter(feature_dim, cfg.adapter_hidden, cfg.num_visual_tokens, hidden).to(device)
         self.top_blocks = freeze_except_top_k(lm, cfg.top_k)
-        self.prompt_ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"] if cfg.prompt else []
+        self.prompt_ids = self.tokenize_prompt(cfg.prompt)
+        # PROMPTS: training draws one of these per pair, so that the model does not overfit one wording
+        self.train_prompt_ids = [self.tokenize_prompt(p.strip()) for p in cfg.prompts.split(";") if p.strip()]
         self.caption_prefix = " " if cfg.prompt else ""
         self.max_caption_tokens = cfg.max_caption_tokens
+        # The compiled fast path pads every batch to one of a few shapes, so that it compiles a few graphs,
+        # not one per caption length: rows up to the batch size (BATCH_SIZE in training, EVAL_BATCH_SIZE
+        # otherwise), text up to one of LENGTH_BUCKETS lengths. Eager runs pad to the batch's own longest.
+        self.fixed_shapes = False
+        self.rows_per_batch = {True: cfg.batch_size, False: cfg.eval_batch_size}
+        longest = max(len(p) for p in [self.prompt_ids, *self.train_prompt_ids]) + cfg.max_caption_tokens + 1
+        self.length_buckets = sorted({max(8, longest - 8 * i) for i in range(LENGTH_BUCKETS)})
+        self.feature_shape = (feature_dim,)
+        self.decode = self.decode_eager  # the compiled fast path replaces it (see `use_fast_path`)
         lm.config.use_cache = False
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     # ---- precision in one place ----
     def autocast(self):
@@ -749,56 +766,97 @@ class Captioner(nn.Module):
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device without a hidden sync: a copy from pageable memory waits for the GPU to drain
+        its queue, one from pinned memory does not."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     # ---- inputs ----
     def tokenize_captions(self, captions: list[str]) -> list[list[int]]:
         """Caption token ids, truncated, with EOS appended (what the model must learn to emit)."""
         ids = self.tokenizer([self.caption_prefix + c for c in captions], add_special_tokens=False)["input_ids"]
         return [x[: self.max_caption_tokens] + [self.tokenizer.eos_token_id] for x in ids]
 
-    def prefix_embeds(self, features: torch.Tensor) -> torch.Tensor:
-        """[visual tokens][prompt tokens]: (B, V + P, H). The same length for every image."""
-        visual = self.adapter(features.to(self.device))
-        prompt = self.lm.get_input_embeddings()(torch.tensor(self.prompt_ids, device=self.device, dtype=torch.long))
-        return torch.cat([visual, prompt.to(visual.dtype).expand(visual.shape[0], -1, -1)], dim=1)
+    def layout(self, caption_ids: list[list[int]], prompt_ids=None, pad_to: int = 0):
+        """The text part of a batch on the host: token ids (B', L) of [prompt][caption][EOS] per row,
+        right-padded, and the attention mask and labels (B', V + L) of [visual][text].
 
-    def build_inputs(self, features: torch.Tensor, caption_ids: list[list[int]], pad_to: int = 0):
-        """inputs_embeds, attention_mask and labels for [visual][prompt][caption][EOS], right-padded
-        to the longest caption of the batch (or to `pad_to` caption tokens, for comparisons).
-
-        Labels are -100 everywhere except at caption and EOS positions; padding is never supervised."""
-        prefix = self.prefix_embeds(features)
-        B, P, L = prefix.shape[0], prefix.shape[1], max(pad_to, *(len(c) for c in caption_ids))
+        Labels are -100 everywhere except at caption and EOS positions. Rows pad to the longest of the
+        batch (or to `pad_to` caption tokens, for comparisons); with fixed shapes, to a length bucket, and
+        extra rows fill the batch up: fully attended (so their activations stay finite), never supervised."""
+        prompts = prompt_ids or [self.prompt_ids] * len(caption_ids)
+        V = self.adapter.num_tokens
+        L = max(max(len(p) for p in prompts) + pad_to, *(len(p) + len(c) for p, c in zip(prompts, caption_ids)))
+        B = len(caption_ids)
+        if self.fixed_shapes:
+            L = next((b for b in self.length_buckets if b >= L), L)
+            B = max(B, self.rows_per_batch[self.training])
         ids = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(B, P + L, dtype=torch.long)
-        labels = torch.full((B, P + L), -100, dtype=torch.long)
-        for b, c in enumerate(caption_ids):
-            ids[b, : len(c)] = torch.tensor(c)
-            mask[b, : P + len(c)] = 1
-            labels[b, P: P + len(c)] = torch.tensor(c)
-        caption = self.lm.get_input_embeddings()(ids.to(self.device))
-        embeds = torch.cat([prefix.to(caption.dtype), caption], dim=1)
-        return embeds, mask.to(self.device), labels.to(self.device)
+        mask = torch.ones(B, V + L, dtype=torch.long)
+        labels = torch.full((B, V + L), -100, dtype=torch.long)
+        for b, (p, c) in enumerate(zip(prompts, caption_ids)):
+            ids[b, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[b, V + len(p) + len(c):] = 0
+            labels[b, V + len(p): V + len(p) + len(c)] = torch.tensor(c)
+        return ids, mask, labels
+
+    def embed(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[visual tokens][text tokens] embeddings: (B', V + L, H); rows beyond the features get zero visual tokens."""
+        visual = self.adapter(self.to_device(features))
+        text = self.lm.get_input_embeddings()(ids)
+        if visual.shape[0] < text.shape[0]:
+            visual = torch.cat([visual, visual.new_zeros(text.shape[0] - visual.shape[0], *visual.shape[1:])])
+        return torch.cat([visual.to(text.dtype), text], dim=1)
+
+    def build_inputs(self, features: torch.Tensor, caption_ids: list[list[int]], prompt_ids=None, pad_to: int = 0):
+        """inputs_embeds, attention_mask and labels on the device (see `layout`)."""
+        ids, mask, labels = (self.to_device(t) for t in self.layout(caption_ids, prompt_ids, pad_to))
+        with self.autocast():
+            return self.embed(features, ids), mask, labels
 
     # ---- losses ----
-    def token_losses(self, features, caption_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_losses(self, features, caption_ids, prompt_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token cross-entropy at supervised positions only, and the row each belongs to.
 
-        The 151,936-wide LM head runs only where a label exists, never over the whole
-        (batch x sequence x vocabulary), and the loss itself is computed in fp32."""
+        The 151,936-wide LM head runs only where a label exists, never over the whole (batch x
+        sequence x vocabulary), and the loss itself is computed in fp32. Where the labels are is known
+        on the host, so gathering those positions needs no device-to-host sync."""
+        ids, mask, labels = self.layout(caption_ids, prompt_ids)
+        targets = labels[:, 1:]
+        positions = (targets != -100).flatten().nonzero()[:, 0]  # into (B' x (V + L - 1))
+        rows = positions // targets.shape[1]
+        ids, mask, positions, targets, rows = (self.to_device(t) for t in (ids, mask, positions,
+                                                                            targets.flatten()[positions], rows))
         with self.autocast():
-            embeds, mask, labels = self.build_inputs(features, caption_ids)
-            hidden = decoder_base(self.lm)(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-            targets = labels[:, 1:]
-            where = targets != -100
-            logits = self.lm.get_output_embeddings()(hidden[:, :-1][where])
-        losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
-        rows = where.nonzero()[:, 0]
-        return losses, rows
+            hidden = self.run_decoder(self.embed(features, ids), mask)
+            hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
+            logits = self.lm.get_output_embeddings()(hidden)
+        return F.cross_entropy(logits.float(), targets, reduction="none"), rows
 
-    def forward(self, features, caption_ids) -> torch.Tensor:
+    def decode_eager(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decoder stack without its head: (B, T, H) input embeddings -> (B, T, H) hidden states."""
+        return decoder_base(self.lm)(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.decode(embeds, mask)
+        except Exception as e:
+            if self.decode == self.decode_eager:
+                raise
+            self.fall_back_to_eager(e)  # a real bug fails again below, eagerly, with its own traceback
+            return self.decode(embeds, mask)
+
+    def fall_back_to_eager(self, e: Exception) -> None:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        log.warning(f"torch.compile failed ({type(e).__name__}: {why}); continuing eager (COMPILE=0 skips compiling)")
+        self.decode, self.fixed_shapes = self.decode_eager, False
+
+    def forward(self, features, caption_ids, prompt_ids=None) -> torch.Tensor:
         """The training loss: the mean over all supervised tokens of the batch (as `lm(..., labels=...)`
         would give). A forward, so that wrappers (DistributedDataParallel) see the training call."""
-        return self.token_losses(features, caption_ids)[0].mean()
+        return self.token_losses(features, caption_ids, prompt_ids)[0].mean()
 
     def caption_log_likelihood(self, features, caption_ids) -> torch.Tensor:
         """Mean per-token log-likelihood of each caption given its image and the prompt: (B,)."""
@@ -809,14 +867,17 @@ class Captioner(nn.Module):
 
     # ---- generation ----
     @torch.no_grad()
-    def generate(self, features: torch.Tensor, decoding: dict) -> list[str]:
-        """Batched captions with the KV cache. Every prefix has the same length, so no padding."""
+    def generate(self, features: torch.Tensor, decoding: dict, prompt_ids: list[int] | None = None) -> list[str]:
+        """Batched captions (or answers: another prompt) with the KV cache. Every prefix has the same
+        length, so no padding."""
+        prompt = self.prompt_ids if prompt_ids is None else prompt_ids
         with self.autocast():
-            prefix = self.prefix_embeds(features).to(self.lm.dtype)
+            ids = torch.tensor(prompt, dtype=torch.long).repeat(len(features), 1)  # (B, P)
+            prefix = self.embed(features, self.to_device(ids))
             mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
             with warnings.catch_warnings():  # "n-gram blocking sees only the new tokens": what we want
                 warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
-                out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, use_cache=True,
+                out = self.lm.generate(inputs_embeds=prefix.to(self.lm.dtype), attention_mask=mask, use_cache=True,
                                        eos_token_id=self.tokenizer.eos_token_id,
                                        pad_token_id=self.tokenizer.pad_token_id, **decoding)
         texts = []
@@ -844,15 +905,31 @@ def build_model(cfg: Config, device, dtype) -> tuple[VisionEncoder, Captioner]:
     lm, tokenizer = load_language_model(cfg, device, dtype)
     torch.manual_seed(cfg.seed)  # the adapter's initialisation
     model = Captioner(cfg, encoder.dim, lm, tokenizer, device, dtype)
-    if wants_compile(cfg, device):
-        for block in model.top_blocks:
-            block.compile()
     return encoder, model
 
 
 def wants_compile(cfg: Config, device: torch.device) -> bool:
     """COMPILE=auto: the fused fast path where it pays (CUDA); eager on CPU, where compiling costs more than it wins."""
     return cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def use_fast_path(model: Captioner, training: bool) -> None:
+    """The whole decoder stack, frozen blocks included, compiled: kernels fused across the RMSNorm, RoPE,
+    SwiGLU and dtype-cast elementwise work that dominates eager launches, one graph per padded shape
+    (LENGTH_BUCKETS lengths, for training and for evaluation). Training compiles its first graph here,
+    forward and backward, so that a setup where compiling fails says so in one line and runs eager."""
+    model.fixed_shapes = True
+    model.decode = torch.compile(model.decode_eager, dynamic=False)
+    if not training:
+        return
+    was_training = model.training
+    model.train()
+    try:
+        model(torch.zeros(1, *model.feature_shape), [[model.tokenizer.eos_token_id]]).backward()
+    except Exception as e:
+        model.fall_back_to_eager(e)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
 
 
 def go_offline_if_hub_unreachable(cfg: Config, timeout: float = 5.0) -> None:
@@ -932,16 +1009,27 @@ def make_split(ids, features: dict, records_by_id: dict, model: Captioner) -> Sp
     return Split(ids, feats, refs, list(zip(rows, tokens)))
 
 
-def batches(split: Split, batch_size: int, order: list[int]):
+def batches(split: Split, batch_size: int, order: list[int], prompts: list[list[int]] | None = None):
+    """(features, caption ids, prompt ids per pair or None for PROMPT) of each batch of pairs in `order`."""
     for start in range(0, len(order), batch_size):
-        chosen = [split.pairs[i] for i in order[start: start + batch_size]]
-        yield split.features[[r for r, _ in chosen]], [c for _, c in chosen]
+        chosen = order[start: start + batch_size]
+        pairs = [split.pairs[i] for i in chosen]
+        yield (split.features[[r for r, _ in pairs]], [c for _, c in pairs],
+               [prompts[i] for i in chosen] if prompts else None)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffle of an epoch depends only on SEED and the epoch, so a resumed run sees the same order."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def epoch_prompts(model: Captioner, n: int, seed: int, epoch: int) -> list[list[int]] | None:
+    """PROMPTS: the prompt of each of the n pairs this epoch (a function of SEED and the epoch); None = PROMPT."""
+    if not model.train_prompt_ids:
+        return None
+    rnd = random.Random(f"prompts-{seed}-{epoch}")
+    return [rnd.choice(model.train_prompt_ids) for _ in range(n)]
 
 
 def make_optimizer(model: Captioner, cfg: Config) -> torch.optim.AdamW:
@@ -972,10 +1060,10 @@ def steps_per_epoch(num_pairs: int, cfg: Config) -> int:
     return math.ceil(math.ceil(num_pairs / cfg.batch_size) / cfg.grad_accum)
 
 
-def optimizer_steps(split: Split, cfg: Config, epoch: int):
+def optimizer_steps(model: Captioner, split: Split, cfg: Config, epoch: int):
     """The epoch's micro-batches grouped by optimizer step: GRAD_ACCUM each, the last group maybe fewer."""
-    group = []
-    for batch in batches(split, cfg.batch_size, epoch_order(len(split.pairs), cfg.seed, epoch)):
+    group, n = [], len(split.pairs)
+    for batch in batches(split, cfg.batch_size, epoch_order(n, cfg.seed, epoch), epoch_prompts(model, n, cfg.seed, epoch)):
         group.append(batch)
         if len(group) == cfg.grad_accum:
             yield group
@@ -991,8 +1079,8 @@ def train_step(model: Captioner, opt, micro_batches: list, grad_clip: float) -> 
     Each micro-batch's loss is divided by the number of micro-batches in *this* step, so the last,
     shorter step of an epoch averages what it holds instead of shrinking its gradient."""
     total = torch.zeros((), device=model.device)
-    for features, caption_ids in micro_batches:
-        loss = model(features, caption_ids)
+    for features, caption_ids, prompt_ids in micro_batches:
+        loss = model(features, caption_ids, prompt_ids)
         (loss / len(micro_batches)).backward()
         total += loss.detach()
     if grad_clip:
@@ -1040,15 +1128,15 @@ def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, st
     watch = LossWatch(model.device)
     bar = progress_bar(total=len(train.pairs), desc=f"epoch {epoch}/{cfg.epochs}", unit="pair")
     t0, seen, tokens = time.perf_counter(), 0, 0
-    for micro_batches in optimizer_steps(train, cfg, epoch):
+    for micro_batches in optimizer_steps(model, train, cfg, epoch):
         scale = get_lr_scale(state["step"], total_steps, cfg.warmup_ratio)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
         watch.add(train_step(model, opt, micro_batches, cfg.grad_clip), state["step"])
         state["step"] += 1
-        pairs = sum(len(caps) for _, caps in micro_batches)
+        pairs = sum(len(caps) for _, caps, _ in micro_batches)
         seen += pairs
-        tokens += sum(len(c) for _, caps in micro_batches for c in caps)
+        tokens += sum(len(c) for _, caps, _ in micro_batches for c in caps)
         bar.update(pairs)
         if state["step"] % cfg.log_every == 0:
             loss, elapsed = watch.read(epoch), time.perf_counter() - t0
@@ -1074,7 +1162,7 @@ def split_loss(model: Captioner, split: Split, cfg: Config) -> float:
     """Mean token cross-entropy over every (image, caption) pair of a split."""
     model.eval()
     total, count = torch.zeros((), device=model.device), 0
-    for feats, caps in progress_bar(batches(split, cfg.eval_batch_size, list(range(len(split.pairs)))),
+    for feats, caps, _ in progress_bar(batches(split, cfg.eval_batch_size, list(range(len(split.pairs)))),
                                     total=math.ceil(len(split.pairs) / cfg.eval_batch_size), desc="loss", unit="batch"):
         total += model.token_losses(feats, caps)[0].sum()
         count += sum(len(c) for c in caps)
@@ -1509,7 +1597,7 @@ def make_demo_models(root: Path, kind: str, seed: int, captions: list[str]) -> t
         vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.normalizer = normalizers.Lowercase()
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "caption:" -> "caption", ":"
         tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
         # Like Qwen3-Base: an EOS, no BOS, no pad token (the script must cope).
         PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(lm_dir)
@@ -1620,6 +1708,8 @@ def cmd_train(cfg: Config, args) -> None:
     splits, by_id, store = prepare_data(cfg, data, encoder, model)
     if not splits["train"].pairs or not splits["val"].ids:
         raise UserError(f"too few images to split 80/10/10 ({sum(len(s.ids) for s in splits.values())} usable)")
+    if wants_compile(cfg, device):
+        use_fast_path(model, training=True)
     opt = make_optimizer(model, cfg)
     state = restore_run(model, opt, resume[1], cfg) if resume else {"step": 0}
     start_epoch = resume[1]["epoch"] + 1 if resume else 1
@@ -1674,6 +1764,8 @@ def cmd_test(cfg: Config, args) -> None:
     t = load_trained(cfg, args)
     cfg, path = t.cfg, t.path
     splits, by_id, store = prepare_data(cfg, load_records(cfg), t.encoder, t.model)
+    if wants_compile(cfg, t.device):
+        use_fast_path(t.model, training=False)
     test = splits["test"]
     banner(cfg, t.device, t.dtype, splits, t.model)
     with wandb_run(cfg, "test", demo=args.demo) as run:
