@@ -936,12 +936,12 @@ def go_offline_if_hub_unreachable(cfg: Config, timeout: float = 5.0) -> None:
     """Unless HF_HUB_OFFLINE is set and something is to come from the hub: if the hub does not answer
     within `timeout`, work offline for this run (cached copies still load) instead of letting the hub
     client retry every file with back-off for ~25 s before failing."""
-    import httpx
     from huggingface_hub import constants
     hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if n and not Path(n).expanduser().exists()
                  and not looks_local(n)]
     if constants.HF_HUB_OFFLINE or not hub_names:
         return
+    import httpx
     try:
         httpx.head(constants.ENDPOINT, timeout=timeout, trust_env=True)  # any HTTP answer means reachable
         return
@@ -1468,8 +1468,24 @@ def load_weights(model: Captioner, ckpt: dict) -> None:
 # Weights & Biases
 # =============================================================================================
 
+class NoRun:
+    """The run W&B calls reach when WANDB_MODE=disabled: nothing is logged, and wandb is not even imported."""
+    disabled, id = True, None
+
+    def __init__(self):
+        self.summary = {}
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self, *args, **kwargs) -> None:
+        pass
+
+
 def init_wandb(cfg: Config, job: str, run_id: str | None = None, wandb_dir: str | None = None):
     """Start a W&B run; without a login (and no WANDB_MODE), go offline instead of prompting."""
+    if cfg.wandb_mode == "disabled":
+        return NoRun()
     import wandb
     if cfg.wandb_api_key:
         os.environ["WANDB_API_KEY"] = cfg.wandb_api_key  # from .env: wandb reads it from the environment
@@ -1512,7 +1528,10 @@ def exit_code_of(e: BaseException) -> int:
     return getattr(e, "exit_code", 1)
 
 
-def sample_table(records_by_id, store, ids, preds):
+def sample_table(run, records_by_id, store, ids, preds) -> dict:
+    """{"samples": a W&B table of images with generated and reference captions}, or {} when W&B is off."""
+    if getattr(run, "disabled", False):
+        return {}
     import wandb
     table = wandb.Table(columns=["image_id", "image", "generated", "references"])
     for i in ids:
@@ -1520,7 +1539,7 @@ def sample_table(records_by_id, store, ids, preds):
         with contextlib.suppress(Exception):
             image = wandb.Image(store.open(records_by_id[i].ref))
         table.add_data(i, image, preds.get(i, ""), " | ".join(records_by_id[i].captions))
-    return table
+    return {"samples": table}
 
 
 # =============================================================================================
@@ -1722,13 +1741,16 @@ def cmd_train(cfg: Config, args) -> None:
             untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
             log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
         for epoch in range(start_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
             train_loss = train_epoch(model, opt, splits["train"], cfg, epoch, state, run)
+            train_seconds = time.perf_counter() - started
             metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
-            metrics["train_loss"] = train_loss
-            run.log({**{f"val/{k}": v for k, v in metrics.items() if v is not None}, "epoch": epoch,
-                     "val/samples": sample_table(by_id, store, fixed_val, preds)}, step=state["step"])
+            metrics.update(train_loss=train_loss, train_seconds=train_seconds)
+            samples = sample_table(run, by_id, store, fixed_val, preds)
+            run.log({f"val/{k}": v for k, v in {**metrics, **samples}.items() if v is not None} | {"epoch": epoch},
+                    step=state["step"])
             path = save_checkpoint(model, opt, cfg, epoch, state["step"], metrics, run.id)
-            log.info(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
+            log.info(f"epoch {epoch} ({train_seconds:.0f} s): train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
                      f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f} -> {path}")
             for i in fixed_val[:3]:
                 log.info(f"  {i}: {preds.get(i, '')!r}")
@@ -1779,8 +1801,8 @@ def cmd_test(cfg: Config, args) -> None:
                         for i in preds)
         atomic_write(Path(f"{stem}.test_captions.jsonl"), lambda fh: fh.write(lines.encode()))
         append_results_row(cfg, path, t.checkpoint, metrics)
-        run.log({**{f"test/{k}": v for k, v in metrics.items() if v is not None},
-                 "test/samples": sample_table(by_id, store, list(preds)[:16], preds)})
+        samples = sample_table(run, by_id, store, list(preds)[:16], preds)
+        run.log({f"test/{k}": v for k, v in {**metrics, **samples}.items() if v is not None})
         run.summary.update({f"test/{k}": v for k, v in metrics.items() if v is not None})
     print(f"test results for {path} ({len(test.ids)} test images, retrieval pool {metrics.get('retrieval_pool', 0)}):")
     print(format_table(metrics))
