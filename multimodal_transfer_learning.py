@@ -162,6 +162,7 @@ class Config:
                       defines="training")
     seed: int = _f(42, "seeds the split, the shuffling, the initialisation and sampling", Range(0, 2**32 - 1), "data")
     compile: str = _f("auto", "auto (the fused fast path on CUDA, eager on CPU), 1 or 0 to force it", ("auto", "1", "0"))
+    liger: bool = _f(False, "1: Liger-Kernel's fused Qwen3 RMSNorm/RoPE/SwiGLU on CUDA (pip install liger-kernel)")
     # --- evaluation and decoding ---
     eval_batch_size: int = _f(64, "batch size of val/test loss, generation and retrieval scoring", POSITIVE)
     val_caption_images: int = _f(500, "val images whose generated captions are scored each epoch; 0 = all", NON_NEGATIVE)
@@ -903,9 +904,33 @@ def build_model(cfg: Config, device, dtype) -> tuple[VisionEncoder, Captioner]:
     check_top_k(cfg, read_lm_config(cfg).num_hidden_layers)
     encoder = VisionEncoder(cfg.vision_encoder, cfg.vision_model_id, cfg.hf_token, device, dtype)
     lm, tokenizer = load_language_model(cfg, device, dtype)
+    if cfg.liger:
+        use_liger_kernels(lm, device)
     torch.manual_seed(cfg.seed)  # the adapter's initialisation
     model = Captioner(cfg, encoder.dim, lm, tokenizer, device, dtype)
     return encoder, model
+
+
+def use_liger_kernels(lm, device: torch.device) -> None:
+    """LIGER=1: swap the LM's RMSNorm, RoPE and SwiGLU for Liger-Kernel's fused Triton kernels (CUDA only).
+    Its fused linear cross-entropy is left out: it chunks the vocabulary for long sequences, while our head
+    runs on ~1k supervised positions a batch, where chunking adds launches."""
+    why = None
+    if device.type != "cuda":
+        why = "its Triton kernels need a CUDA GPU"
+    elif lm.config.model_type != "qwen3":
+        why = f"it is wired here for Qwen3 only, not {lm.config.model_type}"
+    else:
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+            apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False, model=lm)
+            return
+        except ImportError:
+            why = "liger-kernel is not installed (pip install liger-kernel)"
+        except Exception as e:  # an API change between versions must not stop a run
+            why = f"applying it failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    log.warning(f"LIGER=1 ignored: {why}; using PyTorch's kernels")
 
 
 def wants_compile(cfg: Config, device: torch.device) -> bool:
