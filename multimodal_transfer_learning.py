@@ -770,7 +770,7 @@ class Captioner(nn.Module):
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host -> device without a hidden sync: a copy from pageable memory waits for the GPU to drain
         its queue, one from pinned memory does not."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or t.device.type != "cpu":
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
