@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import datetime
 import hashlib
 import io
 import json
@@ -362,9 +363,14 @@ class _TqdmHandler(colorlog.StreamHandler):
 
 
 def setup_logging(level: str = "INFO", secrets: list[str] = ()) -> None:
+    """Our log lines on stderr. Under torchrun only rank 0 speaks; the other ranks show their errors only,
+    marked with their rank (or everything with LOG_LEVEL=DEBUG)."""
+    rank = "" if DIST.is_main else f"[rank {DIST.rank}] "
+    if not DIST.is_main and level != "DEBUG":
+        level = "ERROR"
     handler = _TqdmHandler()
     handler.setFormatter(colorlog.ColoredFormatter(
-        "%(log_color)s%(asctime)s %(levelname)-7s%(reset)s %(message)s", datefmt="%H:%M:%S",
+        f"%(log_color)s%(asctime)s %(levelname)-7s%(reset)s {rank}%(message)s", datefmt="%H:%M:%S",
         no_color=not sys.stderr.isatty(),  # plain text in log files and CI
         log_colors={"DEBUG": "cyan", "INFO": "green", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold_red"}))
     handler.addFilter(_Redact(list(secrets)))
@@ -375,7 +381,11 @@ def setup_logging(level: str = "INFO", secrets: list[str] = ()) -> None:
     transformers.logging.set_verbosity_error()  # load reports and fallback notices drown our own lines
     transformers.logging.disable_progress_bar()  # per-tensor "Loading weights" bars clutter every start...
     import huggingface_hub.utils
-    huggingface_hub.utils.enable_progress_bars()  # ...but multi-GB downloads deserve theirs
+    if DIST.is_main:
+        huggingface_hub.utils.enable_progress_bars()  # ...but multi-GB downloads deserve theirs (once)
+    else:
+        huggingface_hub.utils.disable_progress_bars()
+        warnings.filterwarnings("ignore")  # library warnings repeat what rank 0 already shows
 
 
 def progress_bar(iterable=None, **kw):
@@ -383,7 +393,143 @@ def progress_bar(iterable=None, **kw):
     kw.setdefault("mininterval", 1.0 if sys.stderr.isatty() else 30.0)
     kw.setdefault("dynamic_ncols", True)
     kw.setdefault("leave", False)
+    kw.setdefault("disable", not DIST.is_main)
     return tqdm(iterable, **kw)
+
+
+# =============================================================================================
+# Processes: torchrun and DistributedDataParallel
+# =============================================================================================
+# `torchrun --nproc_per_node N multimodal_transfer_learning.py --train` starts N copies of this
+# script, each told its RANK, WORLD_SIZE and LOCAL_RANK. Every rank builds the same model from the
+# same seed, sees the same split and the same shuffle, and takes its own share of every batch;
+# DistributedDataParallel averages the gradients, so N processes make the updates one process makes
+# at the same (global) BATCH_SIZE. Evaluation is shared out by whole batches and gathered. Only rank
+# 0 speaks: console, progress bars, W&B and every file written. A plain `python ... --train` is
+# the case of one process without a process group, where every helper below does nothing.
+
+# Where every rank does the same work (gradients, evaluation), a rank that waits longer than this
+# for the others has lost one of them: the run stops instead of hanging.
+LOCKSTEP_TIMEOUT = datetime.timedelta(seconds=60)
+# Where the others wait for rank 0 alone (its metrics, checkpoint or feature cache), minutes are normal.
+WAIT_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclass
+class Dist:
+    """This process's place in the run and the collectives the script needs, all no-ops for one plain process."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launched: bool = False  # by torchrun (even with one process): the process group and DDP are used
+    waiting_group: object = None  # gloo, with WAIT_TIMEOUT: waits for rank 0 alone
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int) -> slice:
+        """This rank's contiguous share of n items (a global batch); the first ranks take one more
+        when n does not divide, and a rank may get none when n < WORLD_SIZE."""
+        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+
+    def my_batches(self, n: int, batch_size: int) -> list[range]:
+        """The batches of n items (in order, `batch_size` each) this rank evaluates: every WORLD_SIZE-th,
+        so that each batch holds the same items as in a one-process run and gives the same numbers."""
+        starts = range(self.rank * batch_size, n, self.world_size * batch_size)
+        return [range(s, min(s + batch_size, n)) for s in starts]
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over the ranks, in place (on the tensor's own device: gloo or NCCL)."""
+        if self.launched:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.launched:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def from_main(self, fn, *args, **kwargs):
+        """fn(...) computed by rank 0 alone (a JVM per rank for METEOR would be a waste), its result on every rank."""
+        if not self.launched:
+            return fn(*args, **kwargs)
+        box = [fn(*args, **kwargs) if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.waiting_group)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Every rank waits here for all the others, on the long timeout: for rank 0 writing a file, or for
+        start-up work that takes each rank its own time, so that the next lockstep exchange starts together."""
+        if self.launched:
+            torch.distributed.barrier(group=self.waiting_group)
+
+
+DIST = Dist()
+
+
+def read_torchrun_environment(env=os.environ) -> Dist:
+    """Where torchrun put this process (RANK, WORLD_SIZE, LOCAL_RANK); one plain process without it."""
+    if "WORLD_SIZE" not in env:
+        return Dist()
+    try:
+        rank, world, local = (int(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except (KeyError, ValueError):
+        raise UserError("WORLD_SIZE is set but RANK/LOCAL_RANK are missing or not integers: start several processes "
+                        "with torchrun, or unset WORLD_SIZE", exit_code=2) from None
+    return Dist(rank, world, local, launched=True)
+
+
+def start_process_group(device: torch.device) -> None:
+    """Join the other ranks: NCCL for GPU tensors, gloo for host tensors and objects, and a gloo group with a
+    long timeout for waiting on rank 0."""
+    if not DIST.launched or torch.distributed.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, timeout=LOCKSTEP_TIMEOUT)
+    DIST.waiting_group = torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    log.info(f"torchrun: {DIST.world_size} processes ({backend}), this one on {device}")
+
+
+def stop_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def lost_other_ranks(e: BaseException) -> bool:
+    """Whether an exception is a failed exchange with the other ranks (one died, or hangs past the timeout).
+    gloo raises plain RuntimeErrors that name it; NCCL raises DistBackendError."""
+    return DIST.launched and (isinstance(e, torch.distributed.DistError) or (
+        isinstance(e, RuntimeError) and re.search(r"gloo|NCCL|Connection (closed|reset) by peer", str(e)) is not None))
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """The model as the training step calls it: wrapped in DDP under torchrun, so that backward averages the
+    gradients over the ranks. Only trainable parameters take part, and every one of them is used by every
+    forward (no search for unused ones)."""
+    if not DIST.launched:
+        return model
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    # The buffers (rotary tables) are computed alike on every rank: re-sending them each step is waste.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                     forward_sync_buffers=False, find_unused_parameters=False)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP (what owns the weights, the tokenizer and the checkpoint names), or the model itself."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def check_global_batch(cfg: Config) -> None:
+    """BATCH_SIZE is the global batch: each of the WORLD_SIZE processes takes BATCH_SIZE / WORLD_SIZE pairs."""
+    if cfg.batch_size % DIST.world_size:
+        raise UserError(f"BATCH_SIZE={cfg.batch_size} is the global batch and does not divide over WORLD_SIZE="
+                        f"{DIST.world_size} processes: set BATCH_SIZE to a multiple of {DIST.world_size}", exit_code=2)
 
 
 # =============================================================================================
@@ -673,7 +819,15 @@ LENGTH_BUCKETS = 4  # text lengths the compiled fast path pads to: at most 4 gra
 
 def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     """DTYPE=auto: bf16 on a GPU that supports it; fp32 on CPU, where bf16 matmuls crawl."""
-    if cfg.device == "auto":
+    if DIST.launched and cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        if DIST.local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started more processes on this machine than the {torch.cuda.device_count()} "
+                            "visible GPUs: set --nproc_per_node to the number of GPUs at most", exit_code=2)
+        device = torch.device("cuda", DIST.local_rank)  # torchrun: one GPU per process
+    elif DIST.world_size > 1 and cfg.device.startswith("cuda:"):
+        raise UserError(f"DEVICE={cfg.device} would put all {DIST.world_size} processes on one GPU: set DEVICE=auto "
+                        "(each takes cuda:LOCAL_RANK; choose the GPUs with CUDA_VISIBLE_DEVICES)", exit_code=2)
+    elif cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
@@ -745,10 +899,11 @@ class Captioner(nn.Module):
         self.caption_prefix = " " if cfg.prompt else ""
         self.max_caption_tokens = cfg.max_caption_tokens
         # The compiled fast path pads every batch to one of a few shapes, so that it compiles a few graphs,
-        # not one per caption length: rows up to the batch size (BATCH_SIZE in training, EVAL_BATCH_SIZE
-        # otherwise), text up to one of LENGTH_BUCKETS lengths. Eager runs pad to the batch's own longest.
+        # not one per caption length: rows up to the batch size (this process's share of BATCH_SIZE in
+        # training, EVAL_BATCH_SIZE otherwise), text up to one of LENGTH_BUCKETS lengths. Eager runs pad
+        # to the batch's own longest.
         self.fixed_shapes = False
-        self.rows_per_batch = {True: cfg.batch_size, False: cfg.eval_batch_size}
+        self.rows_per_batch = {True: cfg.batch_size // DIST.world_size, False: cfg.eval_batch_size}
         longest = max(len(p) for p in [self.prompt_ids, *self.train_prompt_ids]) + cfg.max_caption_tokens + 1
         self.length_buckets = sorted({max(8, longest - 8 * i) for i in range(LENGTH_BUCKETS)})
         self.feature_shape = (feature_dim,)
@@ -854,10 +1009,12 @@ class Captioner(nn.Module):
         log.warning(f"torch.compile failed ({type(e).__name__}: {why}); continuing eager (COMPILE=0 skips compiling)")
         self.decode, self.fixed_shapes = self.decode_eager, False
 
-    def forward(self, features, caption_ids, prompt_ids=None) -> torch.Tensor:
+    def forward(self, features, caption_ids, prompt_ids=None, tokens: float = 0) -> torch.Tensor:
         """The training loss: the mean over all supervised tokens of the batch (as `lm(..., labels=...)`
-        would give). A forward, so that wrappers (DistributedDataParallel) see the training call."""
-        return self.token_losses(features, caption_ids, prompt_ids)[0].mean()
+        would give), or their sum divided by `tokens` (a share of a global batch: see `train_step`).
+        A forward, so that wrappers (DistributedDataParallel) see the training call."""
+        losses = self.token_losses(features, caption_ids, prompt_ids)[0]
+        return losses.sum() / tokens if tokens else losses.mean()
 
     def caption_log_likelihood(self, features, caption_ids) -> torch.Tensor:
         """Mean per-token log-likelihood of each caption given its image and the prompt: (B,)."""
@@ -1097,22 +1254,34 @@ def optimizer_steps(model: Captioner, split: Split, cfg: Config, epoch: int):
         yield group
 
 
-def train_step(model: Captioner, opt, micro_batches: list, grad_clip: float) -> torch.Tensor:
+def train_step(model: nn.Module, opt, micro_batches: list, grad_clip: float) -> torch.Tensor:
     """One optimizer step over its micro-batches; returns their mean loss as a 0-d tensor left on the
     device (reading it waits for the GPU, so the caller reads it only every LOG_EVERY steps).
 
     Each micro-batch's loss is divided by the number of micro-batches in *this* step, so the last,
-    shorter step of an epoch averages what it holds instead of shrinking its gradient."""
-    total = torch.zeros((), device=model.device)
-    for features, caption_ids, prompt_ids in micro_batches:
-        loss = model(features, caption_ids, prompt_ids)
-        (loss / len(micro_batches)).backward()
+    shorter step of an epoch averages what it holds instead of shrinking its gradient.
+
+    Under torchrun `model` is DDP around the Captioner and the micro-batches are global: each rank runs
+    its share, sums its token losses and divides by the micro-batch's global supervised-token count over
+    WORLD_SIZE (known from the caption lengths, no exchange needed). DDP's mean over the ranks then is the
+    gradient of the global mean loss, as one process computes it. Gradients are exchanged once a step,
+    in the last micro-batch's backward; the returned loss is the global one on every rank."""
+    total = torch.zeros((), device=unwrapped(model).device)
+    for n, (features, caption_ids, prompt_ids) in enumerate(micro_batches):
+        tokens = sum(len(c) for c in caption_ids) / DIST.world_size
+        mine, weight = DIST.share(len(caption_ids)), 1.0
+        if mine.start == mine.stop:  # fewer pairs than ranks: a zero-weight pair keeps this rank in the exchange
+            mine, weight = slice(0, 1), 0.0
+        last = n == len(micro_batches) - 1
+        with model.no_sync() if DIST.launched and not last else contextlib.nullcontext():
+            loss = weight * model(features[mine], caption_ids[mine], prompt_ids[mine] if prompt_ids else None, tokens)
+            (loss / len(micro_batches)).backward()
         total += loss.detach()
-    if grad_clip:
+    if grad_clip:  # the gradients are the same on every rank by now, and so is the clipping
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return total / len(micro_batches)
+    return DIST.sum(total) / (len(micro_batches) * DIST.world_size)
 
 
 class LossWatch:
@@ -1146,14 +1315,16 @@ class LossWatch:
         return self.read_total / max(1, self.count)
 
 
-def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, state: dict, run) -> float:
-    """One pass over every (image, caption) pair of the train split. Returns the mean loss."""
+def train_epoch(model: nn.Module, opt, train: Split, cfg: Config, epoch: int, state: dict, run) -> float:
+    """One pass over every (image, caption) pair of the train split. Returns the mean loss.
+    `model`: the Captioner, or DDP around it (see `train_step`)."""
     model.train()
+    captioner = unwrapped(model)
     total_steps = steps_per_epoch(len(train.pairs), cfg) * cfg.epochs
-    watch = LossWatch(model.device)
+    watch = LossWatch(captioner.device)
     bar = progress_bar(total=len(train.pairs), desc=f"epoch {epoch}/{cfg.epochs}", unit="pair")
     t0, seen, tokens = time.perf_counter(), 0, 0
-    for micro_batches in optimizer_steps(model, train, cfg, epoch):
+    for micro_batches in optimizer_steps(captioner, train, cfg, epoch):
         scale = get_lr_scale(state["step"], total_steps, cfg.warmup_ratio)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
@@ -1171,7 +1342,7 @@ def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, st
                     step=state["step"])
     bar.close()
     mean = watch.epoch_mean(epoch)
-    broken = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    broken = next((n for n, p in captioner.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
     if broken:  # a finite loss with non-finite gradients in the last step: never checkpoint such weights
         raise UserError(f"the weights became non-finite ({broken}) by step {state['step']} (epoch {epoch}); training "
                         "stopped, the last good checkpoint is kept: lower LR_ADAPTER/LR_QWEN or check the data")
@@ -1184,25 +1355,33 @@ def train_epoch(model: Captioner, opt, train: Split, cfg: Config, epoch: int, st
 
 @torch.no_grad()
 def split_loss(model: Captioner, split: Split, cfg: Config) -> float:
-    """Mean token cross-entropy over every (image, caption) pair of a split."""
+    """Mean token cross-entropy over every (image, caption) pair of a split. Under torchrun each rank
+    scores its share of the batches; the batch sums are then added in batch order, as one process does."""
     model.eval()
-    total, count = torch.zeros((), device=model.device), 0
-    for feats, caps, _ in progress_bar(batches(split, cfg.eval_batch_size, list(range(len(split.pairs)))),
-                                    total=math.ceil(len(split.pairs) / cfg.eval_batch_size), desc="loss", unit="batch"):
-        total += model.token_losses(feats, caps)[0].sum()
-        count += sum(len(c) for c in caps)
-    return total.item() / max(count, 1)
+    bs = cfg.eval_batch_size
+    mine = DIST.my_batches(len(split.pairs), bs)
+    sums = torch.zeros(math.ceil(len(split.pairs) / bs), device=model.device)
+    order = [i for items in mine for i in items]
+    for items, (feats, caps, _) in zip(mine, progress_bar(batches(split, bs, order), total=len(mine), desc="loss",
+                                                           unit="batch")):
+        sums[items.start // bs] = model.token_losses(feats, caps)[0].sum()
+    count = sum(len(c) for _, c in split.pairs)
+    return DIST.sum(sums).sum().item() / max(count, 1)
 
 
 @torch.no_grad()
 def generate_captions(model: Captioner, features: torch.Tensor, cfg: Config, desc="generating") -> list[str]:
+    """A caption per row of `features`, EVAL_BATCH_SIZE at a time. Under torchrun each rank generates its
+    share of the batches and every rank gets all captions; sampling is seeded per batch, so a caption does
+    not depend on which rank made it."""
     model.eval()
-    out = []
+    mine = {}
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)  # sampling is reproducible and leaves the training RNG alone
-        for start in progress_bar(range(0, len(features), cfg.eval_batch_size), desc=desc, unit="batch"):
-            out += model.generate(features[start: start + cfg.eval_batch_size], decoding_kwargs(cfg))
-    return out
+        for items in progress_bar(DIST.my_batches(len(features), cfg.eval_batch_size), desc=desc, unit="batch"):
+            torch.manual_seed(cfg.seed + items.start)  # sampling is reproducible and leaves the training RNG alone
+            mine[items.start] = model.generate(features[items.start: items.stop], decoding_kwargs(cfg))
+    every = {start: texts for part in DIST.gather(mine) for start, texts in part.items()}
+    return [text for start in sorted(every) for text in every[start]]
 
 
 _JAVA_WARNED = False
@@ -1299,24 +1478,26 @@ def retrieval_scores(model: Captioner, split: Split, pool: int, cfg: Config) -> 
     n = min(pool, len(split.ids))
     caps = [(r, c) for r, c in split.pairs if r < n]
     owner = torch.tensor([r for r, _ in caps])
-    scores = torch.empty(n, len(caps))
+    scores = torch.zeros(n, len(caps))  # under torchrun each rank fills its rows, and the sum over ranks has them all
     bs = cfg.eval_batch_size
-    for i in progress_bar(range(n), desc=f"retrieval ({n} images x {len(caps)} captions)", unit="img"):
+    for i in progress_bar(range(DIST.rank, n, DIST.world_size), desc=f"retrieval ({n} images x {len(caps)} captions)",
+                          unit="img"):
         for start in range(0, len(caps), bs):
             chunk = [c for _, c in caps[start: start + bs]]
             feats = split.features[i].expand(len(chunk), -1)
             scores[i, start: start + len(chunk)] = model.caption_log_likelihood(feats, chunk).float().cpu()
-    return scores, owner
+    return DIST.sum(scores), owner
 
 
 def evaluate(model: Captioner, split: Split, cfg: Config, caption_images: int, pool: int):
     """Loss over the whole split, caption metrics on the first `caption_images` images
-    (0 = all), retrieval over a pool of `pool` images. Returns (metrics, generated captions)."""
+    (0 = all), retrieval over a pool of `pool` images. Returns (metrics, generated captions); under
+    torchrun the same on every rank."""
     metrics = {"loss": split_loss(model, split, cfg)}
     n = len(split.ids) if caption_images == 0 else min(caption_images, len(split.ids))
     generated = generate_captions(model, split.features[:n], cfg)
     preds = dict(zip(split.ids[:n], generated))
-    metrics.update(caption_metrics(preds, dict(zip(split.ids[:n], split.references[:n]))))
+    metrics.update(DIST.from_main(caption_metrics, preds, dict(zip(split.ids[:n], split.references[:n]))))
     metrics["num_images"] = n
     if pool:
         scores, owner = retrieval_scores(model, split, pool, cfg)
@@ -1494,7 +1675,8 @@ def load_weights(model: Captioner, ckpt: dict) -> None:
 # =============================================================================================
 
 class NoRun:
-    """The run W&B calls reach when WANDB_MODE=disabled: nothing is logged, and wandb is not even imported."""
+    """The run W&B calls reach when WANDB_MODE=disabled, and on every rank but 0 under torchrun: nothing is
+    logged, and wandb is not even imported."""
     disabled, id = True, None
 
     def __init__(self):
@@ -1509,7 +1691,7 @@ class NoRun:
 
 def init_wandb(cfg: Config, job: str, run_id: str | None = None, wandb_dir: str | None = None):
     """Start a W&B run; without a login (and no WANDB_MODE), go offline instead of prompting."""
-    if cfg.wandb_mode == "disabled":
+    if cfg.wandb_mode == "disabled" or not DIST.is_main:
         return NoRun()
     import wandb
     if cfg.wandb_api_key:
@@ -1742,6 +1924,10 @@ def restore_run(model: Captioner, opt, ckpt: dict, cfg: Config) -> dict:
 
 
 def cmd_train(cfg: Config, args) -> None:
+    check_global_batch(cfg)
+    if DIST.launched:
+        log.info(f"BATCH_SIZE={cfg.batch_size} is the global batch: {cfg.batch_size // DIST.world_size} pairs on each "
+                 f"of the {DIST.world_size} processes")
     device, dtype = resolve_device(cfg)
     resume = checkpoint_to_resume(cfg, args) if args.resume else None
     if resume and resume[1]["epoch"] >= cfg.epochs:
@@ -1760,6 +1946,8 @@ def cmd_train(cfg: Config, args) -> None:
     if resume:
         log.info(f"resuming from {resume[0]} at epoch {start_epoch}")
     banner(cfg, device, dtype, splits, model)
+    DIST.barrier()  # start-up takes each rank its own time; DDP's first exchange is a lockstep one
+    trainer = data_parallel(model)
     fixed_val = splits["val"].ids[:min(16, cfg.val_caption_images or 16)]  # only images that get a caption
     with wandb_run(cfg, "train", resume[1]["wandb_run_id"] if resume else None, args.demo) as run:
         if args.demo and not resume:
@@ -1767,14 +1955,16 @@ def cmd_train(cfg: Config, args) -> None:
             log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
         for epoch in range(start_epoch, cfg.epochs + 1):
             started = time.perf_counter()
-            train_loss = train_epoch(model, opt, splits["train"], cfg, epoch, state, run)
+            train_loss = train_epoch(trainer, opt, splits["train"], cfg, epoch, state, run)
             train_seconds = time.perf_counter() - started
             metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
             metrics.update(train_loss=train_loss, train_seconds=train_seconds)
             samples = sample_table(run, by_id, store, fixed_val, preds)
             run.log({f"val/{k}": v for k, v in {**metrics, **samples}.items() if v is not None} | {"epoch": epoch},
                     step=state["step"])
-            path = save_checkpoint(model, opt, cfg, epoch, state["step"], metrics, run.id)
+            path = save_checkpoint(model, opt, cfg, epoch, state["step"], metrics, run.id) if DIST.is_main \
+                else checkpoint_path(cfg, epoch)
+            DIST.barrier()  # the others wait for the checkpoint here, not in the next step's lockstep exchange
             log.info(f"epoch {epoch} ({train_seconds:.0f} s): train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
                      f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f} -> {path}")
             for i in fixed_val[:3]:
@@ -1817,6 +2007,8 @@ def cmd_test(cfg: Config, args) -> None:
     banner(cfg, t.device, t.dtype, splits, t.model)
     with wandb_run(cfg, "test", demo=args.demo) as run:
         metrics, preds = evaluate(t.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
+        if not DIST.is_main:
+            return  # rank 0 writes and reports
         decoding = {k: v for k, v in decoding_kwargs(cfg).items() if v is not None}
         result = {"checkpoint": str(path), "epoch": t.checkpoint["epoch"], "metrics": metrics, "decoding": decoding,
                   "num_test_images": len(test.ids), "config": cfg.public()}
@@ -1919,20 +2111,26 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
+    global DIST
     args = parse_args(argv)
     setup_logging("DEBUG" if args.debug else "INFO")
     code = 0
     try:
+        DIST = read_torchrun_environment()
         cfg = load_config(read_environment(args.env_file, args.demo))
         setup_logging("DEBUG" if args.debug else cfg.log_level, cfg.secrets())
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if DIST.world_size > 1 and not (args.train or args.test):
+            raise UserError("only --train and --test run on several processes: start this command with plain python",
+                            exit_code=2)
+        start_process_group(resolve_device(cfg)[0])
         if args.demo:
             log.info("demo: synthetic shapes, a tiny random encoder and a tiny random Qwen3 — this proves the "
                      "pipeline end to end, not the quality of pretrained models")
             # Tiny matrices: extra threads cost more than they give, and spin-waiting threads crawl
             # (60x measured) as soon as anything else runs on the CPU.
             torch.set_num_threads(1)
-            cfg = demo_config(cfg, make_demo_files(cfg))
+            cfg = demo_config(cfg, DIST.from_main(make_demo_files, cfg))
         go_offline_if_hub_unreachable(cfg)
         if args.train:
             cmd_train(cfg, args)
@@ -1942,16 +2140,30 @@ def main(argv=None) -> int:
             code = cmd_caption(cfg, args)
     except UserError as e:
         log.debug("traceback", exc_info=True)
-        log.error(str(e))
+        if DIST.is_main or e.exit_code != 2:  # a configuration error is the same on every rank: said once
+            log.error(str(e))
         return e.exit_code
     except (KeyboardInterrupt, Stopped) as e:
         code = exit_code_of(e)
         log.warning(f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'}); no partial checkpoint was written. "
-                    f"Continue with: python multimodal_transfer_learning.py --train --resume"
-                    f"{' --demo' if args.demo else ''}{f' --env-file {args.env_file}' if args.env_file else ''}"
-                    if args.train else "stopped")
+                    f"Continue with: {resume_command(args)}" if args.train else "stopped")
         return code
+    except Exception as e:
+        if not lost_other_ranks(e):
+            raise
+        log.debug("traceback", exc_info=True)
+        log.error(f"stopped: an exchange with the other processes failed ({type(e).__name__}: "
+                  f"{(str(e).strip().splitlines() or [''])[0][:300]}); another process failed or hangs, and its own "
+                  f"message says why." + (f" Continue with: {resume_command(args)}" if args.train else ""))
+        return 1
+    stop_process_group()
     return code
+
+
+def resume_command(args) -> str:
+    launcher = "torchrun ... " if DIST.launched else "python "
+    return (f"{launcher}multimodal_transfer_learning.py --train --resume{' --demo' if args.demo else ''}"
+            f"{f' --env-file {args.env_file}' if args.env_file else ''}")
 
 
 if __name__ == "__main__":
