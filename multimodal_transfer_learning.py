@@ -501,6 +501,12 @@ def stop_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def exchange_failure(e: Exception) -> str:
+    """gloo's and NCCL's message in one short line: its first sentence, without the source location."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])
+    return f"{type(e).__name__}: {text.split('. ')[0][:200]}"
+
+
 def lost_other_ranks(e: BaseException) -> bool:
     """Whether an exception is a failed exchange with the other ranks (one died, or hangs past the timeout).
     gloo raises plain RuntimeErrors that name it; NCCL raises DistBackendError."""
@@ -2152,10 +2158,14 @@ def main(argv=None) -> int:
         if not lost_other_ranks(e):
             raise
         log.debug("traceback", exc_info=True)
-        log.error(f"stopped: an exchange with the other processes failed ({type(e).__name__}: "
-                  f"{(str(e).strip().splitlines() or [''])[0][:300]}); another process failed or hangs, and its own "
-                  f"message says why." + (f" Continue with: {resume_command(args)}" if args.train else ""))
+        log.error(f"stopped: an exchange with the other processes failed ({exchange_failure(e)}); another process "
+                  "failed or hangs, and its own message says why" +
+                  (f". Continue with: {resume_command(args)}" if args.train else ""))
         return 1
+    finally:
+        if DIST.launched:  # torchrun's agent stops the other ranks with a signal, maybe while this one is exiting
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop_process_group()
     return code
 
