@@ -429,8 +429,8 @@ class Dist:
         return self.rank == 0
 
     def share(self, n: int) -> slice:
-        """This rank's contiguous share of n items (a global batch); the first ranks take one more
-        when n does not divide, and a rank may get none when n < WORLD_SIZE."""
+        """This rank's contiguous share of n items (a global batch). Shares differ by one item at most
+        when n does not divide, rank 0's being the smallest; a rank gets none when n < WORLD_SIZE."""
         return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
     def my_batches(self, n: int, batch_size: int) -> list[range]:
