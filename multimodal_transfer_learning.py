@@ -1105,10 +1105,12 @@ def use_fast_path(model: Captioner, training: bool) -> None:
     """The whole decoder stack, frozen blocks included, compiled: kernels fused across the RMSNorm, RoPE,
     SwiGLU and dtype-cast elementwise work that dominates eager launches, one graph per padded shape
     (LENGTH_BUCKETS lengths, for training and for evaluation). Training compiles its first graph here,
-    forward and backward, so that a setup where compiling fails says so in one line and runs eager."""
+    forward and backward, so that a setup where compiling fails says so in one line and runs eager.
+    Under torchrun every graph compiles here (see `compile_every_shape`)."""
     model.fixed_shapes = True
     model.decode = torch.compile(model.decode_eager, dynamic=False)
     if not training:
+        compile_every_shape(model, training)
         return
     was_training = model.training
     model.train()
@@ -1116,6 +1118,27 @@ def use_fast_path(model: Captioner, training: bool) -> None:
         model(torch.zeros(1, *model.feature_shape), [[model.tokenizer.eos_token_id]]).backward()
     except Exception as e:
         model.fall_back_to_eager(e)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    compile_every_shape(model, training)
+
+
+def compile_every_shape(model: Captioner, training: bool) -> None:
+    """Under torchrun: compile now the graph of every padded shape (each length bucket; for evaluation, and
+    forward and backward for training), each rank on its own. Compiled on first use instead, a rank would
+    compile for a minute or more while the others wait for it in a lockstep exchange (LOCKSTEP_TIMEOUT)."""
+    if not DIST.launched or model.decode == model.decode_eager:
+        return
+    was_training = model.training
+    features, no_prompt = torch.zeros(1, *model.feature_shape), [[]]  # the caption alone sets the length
+    for length in model.length_buckets:
+        caption = [[model.tokenizer.eos_token_id] * length]
+        model.eval()
+        with torch.no_grad():
+            model.token_losses(features, caption, no_prompt)
+        if training:
+            model.train()
+            model(features, caption, no_prompt).backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
 
