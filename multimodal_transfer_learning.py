@@ -57,8 +57,9 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
-class Stopped(Exception):
-    """Raised by the SIGTERM handler so the run can stop as cleanly as on Ctrl-C."""
+class Stopped(BaseException):
+    """Raised by the SIGTERM handler so the run can stop as cleanly as on Ctrl-C. Like KeyboardInterrupt it is
+    no Exception, so that no `except Exception` (torch.compile's fallback, say) swallows it and runs on."""
 
 
 # =============================================================================================
@@ -521,9 +522,8 @@ def data_parallel(model: nn.Module) -> nn.Module:
     if not DIST.launched:
         return model
     device = next(p.device for p in model.parameters() if p.requires_grad)
-    # The buffers (rotary tables) are computed alike on every rank: re-sending them each step is waste.
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                     forward_sync_buffers=False, find_unused_parameters=False)
+                                                     find_unused_parameters=False)
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
