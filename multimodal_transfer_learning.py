@@ -933,7 +933,7 @@ class Captioner(nn.Module):
         its queue, one from pinned memory does not."""
         if self.device.type != "cuda" or t.device.type != "cpu":
             return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return t.contiguous().pin_memory().to(self.device, non_blocking=True)  # an expanded view cannot be pinned
 
     # ---- inputs ----
     def tokenize_captions(self, captions: list[str]) -> list[list[int]]:
