@@ -2139,6 +2139,18 @@ def _on_sigterm(signum, frame):
     raise Stopped()
 
 
+def _on_stop_signal_under_torchrun(signum, frame):
+    """torchrun's agent passes a Ctrl-C or SIGTERM on to every rank, which may have had it already:
+    the first one stops this rank, later ones must not break into its clean exit."""
+    ignore_stop_signals()
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Stopped()
+
+
+def ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv=None) -> int:
     global DIST
     args = parse_args(argv)
@@ -2149,6 +2161,9 @@ def main(argv=None) -> int:
         cfg = load_config(read_environment(args.env_file, args.demo))
         setup_logging("DEBUG" if args.debug else cfg.log_level, cfg.secrets())
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if DIST.launched:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, _on_stop_signal_under_torchrun)
         if DIST.world_size > 1 and not (args.train or args.test):
             raise UserError("only --train and --test run on several processes: start this command with plain python",
                             exit_code=2)
@@ -2186,9 +2201,8 @@ def main(argv=None) -> int:
                   (f". Continue with: {resume_command(args)}" if args.train else ""))
         return 1
     finally:
-        if DIST.launched:  # torchrun's agent stops the other ranks with a signal, maybe while this one is exiting
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if DIST.launched:  # torchrun's agent stops the ranks with a signal, maybe while this one is exiting
+            ignore_stop_signals()
     stop_process_group()
     return code
 

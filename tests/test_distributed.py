@@ -105,9 +105,10 @@ def runs(ddp_env):
     return {name: (res[name], envs[name], root / name) for name in res}
 
 
-def kill_rank_1_in_epoch_2(env: dict) -> tuple[int, float, str]:
-    """Start two processes, SIGKILL rank 1 as soon as rank 0 starts epoch 2; (exit code, seconds from
-    the kill to the end of torchrun, stderr)."""
+def stop_in_epoch_2(env: dict, how: str) -> tuple[int, float, str]:
+    """Start two processes and, as soon as rank 0 starts epoch 2, either SIGKILL rank 1 ("kill") or press
+    Ctrl-C (SIGINT to the whole process group, as a terminal does: "ctrl-c"); returns (exit code,
+    seconds from then to the end of torchrun, stderr)."""
     folder = Path(env["CACHE_DIR"]).parent
     folder.mkdir(parents=True, exist_ok=True)
     err_path = folder / "stderr.txt"
@@ -118,10 +119,13 @@ def kill_rank_1_in_epoch_2(env: dict) -> tuple[int, float, str]:
             while "epoch 2/2" not in err_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert proc.poll() is None and "epoch 2/2" in err_path.read_text(), err_path.read_text()[-3000:]
-            os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
-            killed = time.monotonic()
+            if how == "kill":
+                os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+            else:
+                os.killpg(proc.pid, signal.SIGINT)
+            stopped = time.monotonic()
             code = proc.wait(timeout=120)
-            return code, time.monotonic() - killed, err_path.read_text()
+            return code, time.monotonic() - stopped, err_path.read_text()
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -145,7 +149,7 @@ def rank_pid(torchrun_pid: int, rank: int) -> int:
 def killed_and_resumed(ddp_env, runs):
     """A two-process run whose rank 1 dies mid-epoch 2, then the same torchrun with --resume; beside it,
     --test of the two-process run's checkpoint by one process and by two (DECODING=sample: each caption
-    must come out the same wherever it is drawn), and a global batch that does not divide."""
+    must come out the same wherever it is drawn), a global batch that does not divide, and Ctrl-C."""
     root, env = ddp_env
     env_k = env("killed")
     test_envs = {}
@@ -154,20 +158,21 @@ def killed_and_resumed(ddp_env, runs):
         shutil.copytree(runs["two"][2] / "models", root / name / "models")
 
     def kill_then_resume():
-        code, seconds, stderr = kill_rank_1_in_epoch_2(env_k)
+        code, seconds, stderr = stop_in_epoch_2(env_k, "kill")
         after_kill = sorted(p.name for p in (root / "killed" / "models").glob("*.pt"))
         return code, seconds, stderr, after_kill, run(["--train", "--resume"], env_k, processes=2)
 
-    def tests_then_odd_batch():
+    def the_others():
         one = run(["--test"], test_envs["test_one"], processes=1)
         two = run(["--test"], test_envs["test_two"], processes=2)
         odd = run(["--train"], env("odd", BATCH_SIZE="3"), processes=2, timeout=200)
-        return one, two, odd
-    res = parallel({"killed": kill_then_resume, "tests": tests_then_odd_batch})
+        return one, two, odd, stop_in_epoch_2(env("ctrl-c"), "ctrl-c")
+    res = parallel({"killed": kill_then_resume, "others": the_others})
     code, seconds, stderr, after_kill, resumed = res["killed"]
+    one, two, odd, ctrl_c = res["others"]
     return {"code": code, "seconds": seconds, "stderr": stderr, "after_kill": after_kill, "resumed": resumed,
-            "env": env_k, "folder": root / "killed", "test_one": res["tests"][0], "test_two": res["tests"][1],
-            "odd": res["tests"][2], "root": root}
+            "env": env_k, "folder": root / "killed", "test_one": one, "test_two": two, "odd": odd,
+            "ctrl-c": ctrl_c, "root": root}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +263,16 @@ def test_a_killed_rank_stops_the_whole_run_within_a_minute(killed_and_resumed):
     # rank 0 says in one line what happened and how to go on; no traceback of the script's own
     assert "--train --resume" in k["stderr"], k["stderr"][-3000:]
     assert "multimodal_transfer_learning.py\", line" not in k["stderr"] and "[rank0]:" not in k["stderr"]
+
+
+def test_ctrl_c_stops_every_rank_with_one_line_and_the_resume_hint(killed_and_resumed):
+    code, seconds, stderr = killed_and_resumed["ctrl-c"]
+    assert code != 0 and seconds < 60, (code, seconds, stderr[-3000:])
+    ours = [m.group(0) for line in stderr.splitlines() for m in LOG_LINE.finditer(line) if "stopped" in m.group(0)]
+    assert len(ours) == 1 and "Ctrl-C" in ours[0] and "--train --resume" in ours[0], ours  # rank 0's, alone
+    assert "multimodal_transfer_learning.py\", line" not in stderr and "[rank" not in stderr
+    models = killed_and_resumed["root"] / "ctrl-c" / "models"
+    assert sorted(p.name for p in models.glob("*.pt")) == ["1_clip_top1.pt"] and leftover_temp_files(models) == []
 
 
 def test_resume_after_a_killed_rank_finishes_with_the_uninterrupted_weights(killed_and_resumed, runs):
