@@ -446,12 +446,13 @@ class Dist:
             torch.distributed.all_reduce(t)
         return t
 
-    def gather(self, obj) -> list:
-        """Every rank's `obj`, in rank order, on every rank."""
+    def gather(self, obj, patient: bool = False) -> list:
+        """Every rank's `obj`, in rank order, on every rank. patient: after work whose length differs from
+        rank to rank (decoding images), so with WAIT_TIMEOUT."""
         if not self.launched:
             return [obj]
         out = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
+        torch.distributed.all_gather_object(out, obj, group=self.waiting_group if patient else None)
         return out
 
     def from_main(self, fn, *args, **kwargs):
@@ -778,16 +779,19 @@ def _file_stamp(path: str):
 
 
 def cached_features(cfg: Config, encoder: VisionEncoder, records, store) -> tuple[dict[str, torch.Tensor], dict]:
-    """{image_id: feature} for every decodable image, computed once and then read from CACHE_DIR."""
+    """{image_id: feature} for every decodable image, computed once and then read from CACHE_DIR. Under
+    torchrun every rank encodes its share of the images, every rank gets them all, and rank 0 writes the cache."""
     path = feature_cache_path(cfg, encoder, records, store)
-    if path.is_file():
+    if DIST.from_main(path.is_file):  # one answer for all ranks, even if the file appears meanwhile
         blob = torch.load(path, weights_only=True)
         log.info(f"image features: read {len(blob['ids'])} from cache {path}")
     else:
-        feats, bad = encode_images(records, store, encoder, cfg)
+        shares = DIST.gather(encode_images(records[DIST.share(len(records))], store, encoder, cfg), patient=True)
+        feats, bad = torch.cat([f for f, _ in shares]), {i: why for _, b in shares for i, why in b.items()}
         ok = [i for i, r in enumerate(records) if r.image_id not in bad]
         blob = {"ids": [records[i].image_id for i in ok], "features": feats[ok].contiguous(), "bad": bad}
-        atomic_save(blob, path)
+        if DIST.is_main:
+            atomic_save(blob, path)
         log.info(f"image features: encoded {len(ok)} images, cached in {path}")
     return dict(zip(blob["ids"], blob["features"])), blob["bad"]
 

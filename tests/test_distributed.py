@@ -148,13 +148,14 @@ def rank_pid(torchrun_pid: int, rank: int) -> int:
 @pytest.fixture(scope="module")
 def killed_and_resumed(ddp_env, runs):
     """A two-process run whose rank 1 dies mid-epoch 2, then the same torchrun with --resume; beside it,
-    --test of the two-process run's checkpoint by one process and by two (DECODING=sample: each caption
-    must come out the same wherever it is drawn), a global batch that does not divide, and Ctrl-C."""
+    --test of the two-process run's checkpoint by one process and by two, both reading the feature cache
+    that run wrote (DECODING=sample: each caption must come out the same wherever it is drawn), a global
+    batch that does not divide, and Ctrl-C."""
     root, env = ddp_env
     env_k = env("killed")
     test_envs = {}
     for name in ("test_one", "test_two"):  # --test writes beside the checkpoint: one copy each
-        test_envs[name] = env(name, DECODING="sample", RETRIEVAL_POOL="3")
+        test_envs[name] = env(name, DECODING="sample", RETRIEVAL_POOL="3", CACHE_DIR=str(root / "two" / "cache"))
         shutil.copytree(runs["two"][2] / "models", root / name / "models")
 
     def kill_then_resume():
@@ -172,6 +173,7 @@ def killed_and_resumed(ddp_env, runs):
     one, two, odd, ctrl_c = res["others"]
     return {"code": code, "seconds": seconds, "stderr": stderr, "after_kill": after_kill, "resumed": resumed,
             "env": env_k, "folder": root / "killed", "test_one": one, "test_two": two, "odd": odd,
+            "env_test_one": test_envs["test_one"], "env_test_two": test_envs["test_two"],
             "ctrl-c": ctrl_c, "root": root}
 
 
@@ -212,6 +214,16 @@ def test_each_checkpoint_and_the_feature_cache_are_written_by_rank_0_only(runs):
     assert leftover_temp_files(folder / "models") == []
 
 
+def test_two_processes_share_the_image_encoding_out_and_cache_what_one_process_caches(runs):
+    caches = {k: list((runs[k][2] / "cache" / "features").glob("*.pt")) for k in ("one", "two")}
+    assert [p.name for p in caches["one"]] == [p.name for p in caches["two"]] and len(caches["one"]) == 1, caches
+    one, two = (torch.load(caches[k][0], weights_only=True) for k in ("one", "two"))
+    assert two["ids"] == one["ids"] and len(one["ids"]) == 79 and two["bad"] == one["bad"] == {}
+    torch.testing.assert_close(two["features"], one["features"], rtol=0, atol=1e-6)  # batches differ: rounding
+    assert "encoding images: " in runs["two"][0].stderr  # rank 0's bar: its share only
+    assert re.search(r"encoding images: .*\b0/39 ", runs["two"][0].stderr), "rank 0 encodes its 39 of 79"
+
+
 def test_only_rank_0_logs_shows_progress_and_talks_to_wandb(runs):
     (one, _, folder_one), (two, env, folder_two) = runs["one"], runs["two"]
     lines_one, lines_two = log_lines(one.stderr, folder_one), log_lines(two.stderr, folder_two)
@@ -243,6 +255,9 @@ def test_sharded_evaluation_gives_exactly_the_one_process_metrics_and_captions(k
     root = killed_and_resumed["root"]
     for name in ("test_one", "test_two"):
         assert killed_and_resumed[name].returncode == 0, explain(killed_and_resumed[name])
+    for name in ("test_one", "test_two"):  # both read the cache the two-process training wrote
+        assert "image features: read 79 from cache" in killed_and_resumed[name].stderr
+        assert not [p for ps in renames(killed_and_resumed["env_" + name]).values() for p in ps if "/features/" in p]
     one, two = (json.loads((root / n / "models" / "2_clip_top1.test.json").read_text()) for n in ("test_one", "test_two"))
     assert one["metrics"]["num_images"] == 8 and one["metrics"]["retrieval_pool"] == 3
     assert two["metrics"] == one["metrics"]
