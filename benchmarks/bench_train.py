@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
@@ -575,6 +576,20 @@ def measure_memory(recipes: list[Recipe], steps, args, assets, root, device, say
     return out
 
 
+def measure_checkpoints(recipe: Recipe, cfg, root: Path) -> dict:
+    """Sizes on disk of a run's newest checkpoint (weights + AdamW + RNG) and of an older one (weights only),
+    written by the script's own save_checkpoint after the recipe's steps (its AdamW state exists)."""
+    folder = root / "checkpoint-sizes"
+    run_cfg = dataclasses.replace(cfg, output_dir_models=str(folder))
+    for epoch in (1, 2):
+        mtl.save_checkpoint(recipe.model, recipe.opt, run_cfg, epoch, 0, {}, None)
+    sizes = {"newest_bytes": mtl.checkpoint_path(run_cfg, 2).stat().st_size,
+             "older_bytes": mtl.checkpoint_path(run_cfg, 1).stat().st_size,
+             "trainable_parameters": sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)}
+    shutil.rmtree(folder, ignore_errors=True)
+    return sizes
+
+
 FITS_24GB = 22.5 * 2**30  # allocator bytes that fit a 24 GiB card: 1.5 GiB left for the CUDA context and workspaces
 
 
@@ -893,6 +908,7 @@ def run_benchmark(args, root: Path, say) -> dict:
              True: step_batches(model, pixel_split(train, encoder, store, {r.image_id: r for r in records}), cfg, n)}
     R["train"] = measure_training(recipes, steps, shape, cfg, args, device, say)
     R["memory"] = measure_memory(recipes, steps, args, assets, root, device, say)
+    R["checkpoints"] = measure_checkpoints(next(r for r in recipes if r.name == "eager"), cfg, root)
     if args.max_batch and device.type == "cuda" and any(r.name == "fast" for r in recipes):
         R["max_batch"] = measure_max_batch(next(r for r in recipes if r.name == "fast"), cfg, say)
 
@@ -979,6 +995,9 @@ def print_table(R: dict) -> None:
     print(f"{tr['useful_flops_per_step'] / 1e9:.0f} useful GFLOP per step, {tr['mean_caption_tokens']:.1f} supervised "
           f"tokens per caption, {tr['useful_position_share']:.0%} of the positions the eager step computes are "
           f"useful (plain: {tr['plain_useful_position_share']:.0%})")
+    c = R["checkpoints"]
+    print(f"checkpoint of {c['trainable_parameters']:,} trainable parameters: newest of a run (weights + AdamW + RNG) "
+          f"{gb(c['newest_bytes'])}, older epochs (weights only) {gb(c['older_bytes'])}")
     if "max_batch" in R:
         mb = R["max_batch"]
         probes = ", ".join(f"{b}: {gb(p['peak_bytes'])}, {p['samples_per_s']:.0f} samples/s" for b, p in mb["probes"].items())

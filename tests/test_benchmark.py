@@ -40,6 +40,8 @@ def test_every_recipe_reports_speed_launches_and_memory(tiny_run):
         assert R["memory"][name]["step_bytes"] > 0 and R["memory"][name]["total_bytes"] > R["memory"][name]["step_bytes"]
     assert R["train_speedup_vs_plain"] == pytest.approx(recipes["eager"]["samples_per_s"] / recipes["plain"]["samples_per_s"])
     assert R["features"]["images"] == 4 and R["generation"]["batched_captions"] == 2
+    c = R["checkpoints"]  # the newest checkpoint keeps AdamW's two moments per trainable weight, older ones do not
+    assert c["older_bytes"] > 4 * c["trainable_parameters"] and c["newest_bytes"] > 2.5 * c["older_bytes"]
     assert "| training step | plain | eager |" in res.stdout
 
 
