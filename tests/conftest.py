@@ -285,14 +285,17 @@ def shared_env(tmp_path_factory, tiny_lm_dir, tiny_clip_dir):
 def trained(shared_env):
     """Run A (2 epochs, fake HF_TOKEN/WANDB_API_KEY, DEBUG logging so the most text is written) and
     run D (same config and SEED, no secrets, another folder) side by side, then A's --test.
-    A feeds the secrets scan (test_cli.py) and resume, the NaN guard and determinism (test_training.py)."""
+    D cannot write its epoch-2 checkpoint (a folder stands in the way), so it stops there and its epoch-1
+    checkpoint stays the newest, with the optimizer state a resume needs (older epochs drop it).
+    A feeds the secrets scan (test_cli.py); A and D feed resume, the NaN guard and determinism (test_training.py)."""
     root, env = shared_env
     env_a = env("A", HF_TOKEN=HF_FAKE, WANDB_API_KEY=WANDB_FAKE, LOG_LEVEL="DEBUG")
     env_d = env("D")
+    (root / "D" / "models" / "2_clip_top1.pt").mkdir(parents=True)
     res = parallel({"A train": lambda: run_script(["--train"], env_a),
                     "D train": lambda: run_script(["--train"], env_d)})
     assert res["A train"].returncode == 0, explain(res["A train"])
-    assert res["D train"].returncode == 0, explain(res["D train"])
+    assert res["D train"].returncode == 1 and "could not write" in res["D train"].stderr, explain(res["D train"])
     res["A test"] = run_script(["--test"], env_a)
     assert res["A test"].returncode == 0, explain(res["A test"])
     return {"env_a": env_a, "env_d": env_d, "A": root / "A", "D": root / "D", **res}
