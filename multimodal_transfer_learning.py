@@ -1768,12 +1768,12 @@ def banner(cfg: Config, device, dtype, splits=None, model=None) -> None:
         log.info("data: " + ", ".join(f"{k} {len(s.ids)} images / {len(s.pairs)} captions" for k, s in splits.items()))
     if model is not None:
         counts = parameter_counts(model)
-        log.info(f"parameters: adapter {counts['adapter']:,} trained; LM {counts['lm']:,} trained "
+        log.info(f"parameters: adapter {counts['adapter']:,} trainable; LM {counts['lm']:,} trainable "
                  f"({lm_tuning(cfg, model)}); {counts['frozen']:,} frozen")
 
 
 def parameter_counts(model: Captioner) -> dict[str, int]:
-    """Trained parameters of the adapter and of the LM, and the frozen ones, counted as the weights they
+    """Trainable parameters of the adapter and of the LM, and the frozen ones, counted as the weights they
     stand for: a 4-bit tensor packs two per byte, its quant_state knows the real shape."""
     def numel(p) -> int:
         shape = getattr(getattr(p, "quant_state", None), "shape", None)
