@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
+from conftest import lora_names_and_shapes
 
 
 @pytest.mark.parametrize("encoder_kind", ["clip", "vit"])
@@ -77,23 +78,6 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 # ---- TUNING=lora ----
-
-# The fixture LM's projection shapes (d_in, d_out): hidden 32, MLP 64, 4 query heads and 2 key/value heads of 16.
-FIXTURE_PROJECTIONS = {"self_attn.q_proj": (32, 64), "self_attn.k_proj": (32, 32), "self_attn.v_proj": (32, 32),
-                       "self_attn.o_proj": (64, 32), "mlp.gate_proj": (32, 64), "mlp.up_proj": (32, 64),
-                       "mlp.down_proj": (64, 32)}
-
-
-def lora_names_and_shapes(rank: int, blocks: int = 2) -> dict[str, tuple[int, int]]:
-    """What peft's LoRA on every projection of every block must add: A (rank, d_in) and B (d_out, rank)."""
-    out = {}
-    for block in range(blocks):
-        for proj, (d_in, d_out) in FIXTURE_PROJECTIONS.items():
-            prefix = f"lm.model.layers.{block}.{proj}"
-            out[f"{prefix}.lora_A.default.weight"] = (rank, d_in)
-            out[f"{prefix}.lora_B.default.weight"] = (d_out, rank)
-    return out
-
 
 def test_lora_trains_fp32_matrices_on_every_projection_of_every_block_and_nothing_else_of_the_lm(tiny_model):
     cfg, _, model = tiny_model(tuning="lora", lora_rank=4, top_k=2)  # TOP_K is ignored with TUNING=lora
