@@ -5,12 +5,15 @@ kernel and COMPILE, and remote code only when TRUST_REMOTE_CODE says so."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
-from conftest import SCRIPT, lora_names_and_shapes
+from conftest import ROOT, SCRIPT, lora_names_and_shapes
 
 CAPTIONS = ["a red circle", "a photo of a big blue square on a gray background", "the shape",
             "a small green circle on the gray background", "a yellow square"]
@@ -257,6 +260,19 @@ def test_trust_remote_code_follows_the_variable(tiny_model, monkeypatch, flag):
 # ---------------------------------------------------------------------------------------------
 # TUNING=lora
 # ---------------------------------------------------------------------------------------------
+
+def test_the_default_recipe_imports_neither_peft_nor_bitsandbytes(config_from_env):
+    """Both are optional extras (pip install peft / bitsandbytes): only TUNING=lora and QLORA=1 import them."""
+    cfg = config_from_env()
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import multimodal_transfer_learning as mtl\n"
+            f"cfg = mtl.Config(**{cfg.public()!r})\n"
+            "mtl.build_model(cfg, *mtl.resolve_device(cfg))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('peft', 'bitsandbytes')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+
 
 def test_lora_trains_fp32_matrices_on_every_projection_of_every_block_and_nothing_else_of_the_lm(tiny_model):
     cfg, _, model = tiny_model(tuning="lora", lora_rank=4, top_k=2)  # TOP_K is ignored with TUNING=lora
