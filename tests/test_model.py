@@ -288,6 +288,16 @@ def test_lora_trains_fp32_matrices_on_every_projection_of_every_block_and_nothin
     assert groups["lm"] and opt.param_groups[1]["base_lr"] == cfg.lr_qwen
 
 
+def test_lora_on_an_lm_without_those_projections_is_refused_in_one_line():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=10, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0))  # fused c_attn, c_fc, c_proj
+    with pytest.raises(mtl.UserError) as err:
+        mtl.add_lora(gpt2, mtl.Config(tuning="lora", lm_model="tiny-gpt2"))
+    assert err.value.exit_code == 2 and "LM_MODEL=tiny-gpt2 has none of the projections" in str(err.value)
+    assert "TUNING=topk" in str(err.value)
+
+
 def test_lora_matrices_stay_fp32_over_a_bf16_base_and_the_step_runs_under_autocast(tiny_model):
     cfg, _, model = tiny_model(tuning="lora", dtype="bf16")
     q_proj = model.lm.model.layers[0].self_attn.q_proj
