@@ -54,6 +54,23 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     return path
 
 
+# tiny_lm_dir's projection shapes (d_in, d_out): hidden 32, MLP 64, 4 query heads and 2 key/value heads of 16.
+FIXTURE_PROJECTIONS = {"self_attn.q_proj": (32, 64), "self_attn.k_proj": (32, 32), "self_attn.v_proj": (32, 32),
+                       "self_attn.o_proj": (64, 32), "mlp.gate_proj": (32, 64), "mlp.up_proj": (32, 64),
+                       "mlp.down_proj": (64, 32)}
+
+
+def lora_names_and_shapes(rank: int, blocks: int = 2) -> dict[str, tuple[int, int]]:
+    """What peft's LoRA on every projection of every block must add: A (rank, d_in) and B (d_out, rank)."""
+    out = {}
+    for block in range(blocks):
+        for proj, (d_in, d_out) in FIXTURE_PROJECTIONS.items():
+            prefix = f"lm.model.layers.{block}.{proj}"
+            out[f"{prefix}.lora_A.default.weight"] = (rank, d_in)
+            out[f"{prefix}.lora_B.default.weight"] = (d_out, rank)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel

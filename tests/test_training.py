@@ -221,6 +221,17 @@ def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(tiny_mode
     assert "non-finite" in str(err.value) and "step 1" in str(err.value), str(err.value)
 
 
+def test_a_lora_matrix_that_overflows_stops_the_run(tiny_model):
+    """Only the LoRA matrices get an absurd learning rate: the guard watches them as it watches blocks."""
+    cfg, encoder, model = tiny_model(tuning="lora", lr_qwen=1e30, batch_size=2, warmup_ratio=0)
+    captions = ["a red circle", "a blue square", "the circle is green", "a photo of a yellow square"] * 2
+    pairs = list(zip(range(8), model.tokenize_captions(captions)))
+    split = mtl.Split([f"i{n}" for n in range(8)], torch.randn(8, encoder.dim), [[c] for c in captions], pairs)
+    with pytest.raises(mtl.UserError) as err:
+        mtl.train_epoch(model, mtl.make_optimizer(model, cfg), split, cfg, 1, {"step": 0}, mtl.NoRun())
+    assert re.search(r"(loss became (nan|inf)|weights became non-finite \(lm\.\S+lora_)", str(err.value)), str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact resume
 # ---------------------------------------------------------------------------------------------
