@@ -11,7 +11,7 @@ dir=${1:-.wheels}
 py=${PYTHON_VERSION:-3.12}
 mkdir -p "$dir"
 pip download --quiet --no-deps --only-binary=:all: --python-version "$py" --platform manylinux2014_x86_64 \
-    --platform any -d "$dir" colorlog python-dotenv peft pycocoevalcap
+    --platform any -d "$dir" colorlog python-dotenv peft accelerate psutil pyyaml pycocoevalcap
 wheel=$(ls "$dir"/pycocoevalcap-*.whl)
 rm -rf "$dir/site" && mkdir -p "$dir/site"
 python - "$wheel" "$dir/site" <<'PY'
