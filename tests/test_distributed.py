@@ -167,12 +167,13 @@ def killed_and_resumed(ddp_env, runs):
         one = run(["--test"], test_envs["test_one"], processes=1)
         two = run(["--test"], test_envs["test_two"], processes=2)
         odd = run(["--train"], env("odd", BATCH_SIZE="3"), processes=2, timeout=200)
-        return one, two, odd, stop_in_epoch_2(env("ctrl-c"), "ctrl-c")
+        caption = run(["--caption", "x.png"], env("caption"), processes=2, timeout=200)
+        return one, two, odd, caption, stop_in_epoch_2(env("ctrl-c"), "ctrl-c")
     res = parallel({"killed": kill_then_resume, "others": the_others})
     code, seconds, stderr, after_kill, resumed = res["killed"]
-    one, two, odd, ctrl_c = res["others"]
+    one, two, odd, caption, ctrl_c = res["others"]
     return {"code": code, "seconds": seconds, "stderr": stderr, "after_kill": after_kill, "resumed": resumed,
-            "env": env_k, "folder": root / "killed", "test_one": one, "test_two": two, "odd": odd,
+            "env": env_k, "folder": root / "killed", "test_one": one, "test_two": two, "odd": odd, "caption": caption,
             "env_test_one": test_envs["test_one"], "env_test_two": test_envs["test_two"],
             "ctrl-c": ctrl_c, "root": root}
 
@@ -245,6 +246,14 @@ def test_a_global_batch_that_does_not_divide_exits_2_naming_both(killed_and_resu
     assert "BATCH_SIZE=3" in line and "WORLD_SIZE=2" in line, line
     assert re.search(r"exitcode\s*: 2", res.stderr), res.stderr[-2000:]  # torchrun's summary of the ranks
     assert not (killed_and_resumed["root"] / "odd" / "models").exists()
+
+
+def test_commands_other_than_train_and_test_refuse_several_processes(killed_and_resumed):
+    res = killed_and_resumed["caption"]
+    assert res.returncode != 0, explain(res)
+    (line,) = error_lines(res)
+    assert "only --train and --test" in line and "plain python" in line, line
+    assert re.search(r"exitcode\s*: 2", res.stderr), res.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
