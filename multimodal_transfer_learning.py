@@ -10,6 +10,7 @@ its top TOP_K blocks unfrozen -> cross-entropy on the caption and EOS tokens onl
     python multimodal_transfer_learning.py --test             # evaluate the last checkpoint on the test split
     python multimodal_transfer_learning.py --caption a.jpg    # caption your own images
     python multimodal_transfer_learning.py --train --demo     # offline demo on synthetic shapes, CPU-friendly
+    torchrun --standalone --nproc_per_node 8 multimodal_transfer_learning.py --train   # the same run on 8 GPUs
 
 Configuration comes from `.env` (or --env-file), overridden by real environment variables;
 see `.env.example` or `--help` for every variable. The contract lives in SPEC.md.
@@ -2244,6 +2245,12 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def resume_command(args) -> str:
+    launcher = "torchrun ... " if DIST.launched else "python "
+    return (f"{launcher}multimodal_transfer_learning.py --train --resume{' --demo' if args.demo else ''}"
+            f"{f' --env-file {args.env_file}' if args.env_file else ''}")
+
+
 def main(argv=None) -> int:
     global DIST
     args = parse_args(argv)
@@ -2253,10 +2260,11 @@ def main(argv=None) -> int:
         DIST = read_torchrun_environment()
         cfg = load_config(read_environment(args.env_file, args.demo))
         setup_logging("DEBUG" if args.debug else cfg.log_level, cfg.secrets())
-        signal.signal(signal.SIGTERM, _on_sigterm)
         if DIST.launched:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, _on_stop_signal_under_torchrun)
+        else:
+            signal.signal(signal.SIGTERM, _on_sigterm)
         if DIST.world_size > 1 and not (args.train or args.test):
             raise UserError("only --train and --test run on several processes: start this command with plain python",
                             exit_code=2)
@@ -2298,12 +2306,6 @@ def main(argv=None) -> int:
             ignore_stop_signals()
     stop_process_group()
     return code
-
-
-def resume_command(args) -> str:
-    launcher = "torchrun ... " if DIST.launched else "python "
-    return (f"{launcher}multimodal_transfer_learning.py --train --resume{' --demo' if args.demo else ''}"
-            f"{f' --env-file {args.env_file}' if args.env_file else ''}")
 
 
 if __name__ == "__main__":
