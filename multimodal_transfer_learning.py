@@ -167,6 +167,7 @@ class Config:
                       defines="training")
     seed: int = _f(42, "seeds the split, the shuffling, the initialisation and sampling", Range(0, 2**32 - 1), "data")
     compile: str = _f("auto", "auto (the fused fast path on CUDA, eager on CPU), 1 or 0 to force it", ("auto", "1", "0"))
+    liger: bool = _f(False, "1: Liger-Kernel's fused Qwen3 RMSNorm/RoPE/SwiGLU on CUDA (pip install liger-kernel)")
     # --- evaluation and decoding ---
     eval_batch_size: int = _f(64, "batch size of val/test loss, generation and retrieval scoring", POSITIVE)
     val_caption_images: int = _f(500, "val images whose generated captions are scored each epoch; 0 = all", NON_NEGATIVE)
@@ -775,7 +776,7 @@ class Captioner(nn.Module):
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host -> device without a hidden sync: a copy from pageable memory waits for the GPU to drain
         its queue, one from pinned memory does not."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or t.device.type != "cpu":
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
@@ -909,9 +910,33 @@ def build_model(cfg: Config, device, dtype) -> tuple[VisionEncoder, Captioner]:
     check_top_k(cfg, read_lm_config(cfg).num_hidden_layers)
     encoder = VisionEncoder(cfg.vision_encoder, cfg.vision_model_id, cfg.hf_token, device, dtype)
     lm, tokenizer = load_language_model(cfg, device, dtype)
+    if cfg.liger:
+        use_liger_kernels(lm, device)
     torch.manual_seed(cfg.seed)  # the adapter's initialisation
     model = Captioner(cfg, encoder.dim, lm, tokenizer, device, dtype)
     return encoder, model
+
+
+def use_liger_kernels(lm, device: torch.device) -> None:
+    """LIGER=1: swap the LM's RMSNorm, RoPE and SwiGLU for Liger-Kernel's fused Triton kernels (CUDA only).
+    Its fused linear cross-entropy is left out: it chunks the vocabulary for long sequences, while our head
+    runs on ~1k supervised positions a batch, where chunking adds launches."""
+    why = None
+    if device.type != "cuda":
+        why = "its Triton kernels need a CUDA GPU"
+    elif lm.config.model_type != "qwen3":
+        why = f"it is wired here for Qwen3 only, not {lm.config.model_type}"
+    else:
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+            apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False, model=lm)
+            return
+        except ImportError:
+            why = "liger-kernel is not installed (pip install liger-kernel)"
+        except Exception as e:  # an API change between versions must not stop a run
+            why = f"applying it failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    log.warning(f"LIGER=1 ignored: {why}; using PyTorch's kernels")
 
 
 def wants_compile(cfg: Config, device: torch.device) -> bool:
@@ -942,12 +967,12 @@ def go_offline_if_hub_unreachable(cfg: Config, timeout: float = 5.0) -> None:
     """Unless HF_HUB_OFFLINE is set and something is to come from the hub: if the hub does not answer
     within `timeout`, work offline for this run (cached copies still load) instead of letting the hub
     client retry every file with back-off for ~25 s before failing."""
-    import httpx
     from huggingface_hub import constants
     hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if n and not Path(n).expanduser().exists()
                  and not looks_local(n)]
     if constants.HF_HUB_OFFLINE or not hub_names:
         return
+    import httpx
     try:
         httpx.head(constants.ENDPOINT, timeout=timeout, trust_env=True)  # any HTTP answer means reachable
         return
@@ -1500,8 +1525,9 @@ def record_epoch(cfg: Config, epoch: int, step: int, metrics: dict, images: dict
     resumed from an earlier checkpoint: it is replaced."""
     path = history_path(cfg)
     kept = [row for row in read_history(path) if row["epoch"] < epoch]
-    line = {"epoch": epoch, "step": step, "train_loss": metrics["train_loss"], "val_loss": metrics["loss"],
-            "val_metrics": {k: v for k, v in metrics.items() if k not in ("loss", "train_loss")}, "images": images}
+    line = {"epoch": epoch, "step": step, "train_loss": metrics["train_loss"], "train_seconds": metrics["train_seconds"],
+            "val_loss": metrics["loss"], "images": images,
+            "val_metrics": {k: v for k, v in metrics.items() if k not in ("loss", "train_loss", "train_seconds")}}
     text = "".join(json.dumps(row) + "\n" for row in [*kept, line])
     atomic_write(path, lambda fh: fh.write(text.encode()))
 
@@ -1693,8 +1719,24 @@ def upload_failure(e: Exception, repo_id: str, folder: Path) -> str:
 # Weights & Biases
 # =============================================================================================
 
+class NoRun:
+    """The run W&B calls reach when WANDB_MODE=disabled: nothing is logged, and wandb is not even imported."""
+    disabled, id = True, None
+
+    def __init__(self):
+        self.summary = {}
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self, *args, **kwargs) -> None:
+        pass
+
+
 def init_wandb(cfg: Config, job: str, run_id: str | None = None, wandb_dir: str | None = None):
     """Start a W&B run; without a login (and no WANDB_MODE), go offline instead of prompting."""
+    if cfg.wandb_mode == "disabled":
+        return NoRun()
     import wandb
     if cfg.wandb_api_key:
         os.environ["WANDB_API_KEY"] = cfg.wandb_api_key  # from .env: wandb reads it from the environment
@@ -1737,7 +1779,10 @@ def exit_code_of(e: BaseException) -> int:
     return getattr(e, "exit_code", 1)
 
 
-def sample_table(records_by_id, store, ids, preds):
+def sample_table(run, records_by_id, store, ids, preds) -> dict:
+    """{"samples": a W&B table of images with generated and reference captions}, or {} when W&B is off."""
+    if getattr(run, "disabled", False):
+        return {}
     import wandb
     table = wandb.Table(columns=["image_id", "image", "generated", "references"])
     for i in ids:
@@ -1745,7 +1790,7 @@ def sample_table(records_by_id, store, ids, preds):
         with contextlib.suppress(Exception):
             image = wandb.Image(store.open(records_by_id[i].ref))
         table.add_data(i, image, preds.get(i, ""), " | ".join(records_by_id[i].captions))
-    return table
+    return {"samples": table}
 
 
 # =============================================================================================
@@ -2232,15 +2277,18 @@ def cmd_train(cfg: Config, args) -> None:
             untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
             log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
         for epoch in range(start_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
             train_loss = train_epoch(model, opt, splits["train"], cfg, epoch, state, run)
+            train_seconds = time.perf_counter() - started
             metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
-            metrics["train_loss"] = train_loss
-            run.log({**{f"val/{k}": v for k, v in metrics.items() if v is not None}, "epoch": epoch,
-                     "val/samples": sample_table(by_id, store, fixed_val, preds)}, step=state["step"])
+            metrics.update(train_loss=train_loss, train_seconds=train_seconds)
+            samples = sample_table(run, by_id, store, fixed_val, preds)
+            run.log({f"val/{k}": v for k, v in {**metrics, **samples}.items() if v is not None} | {"epoch": epoch},
+                    step=state["step"])
             # history first: if the run dies between the two writes, resuming redoes the epoch and replaces its line
             record_epoch(cfg, epoch, state["step"], metrics, {k: len(s.ids) for k, s in splits.items()})
             path = save_checkpoint(model, opt, cfg, epoch, state["step"], metrics, run.id)
-            log.info(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
+            log.info(f"epoch {epoch} ({train_seconds:.0f} s): train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
                      f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f} -> {path}")
             for i in fixed_val[:3]:
                 log.info(f"  {i}: {preds.get(i, '')!r}")
@@ -2303,8 +2351,8 @@ def cmd_test(cfg: Config, args) -> None:
                         for i in preds)
         atomic_write(Path(f"{stem}.test_captions.jsonl"), lambda fh: fh.write(lines.encode()))
         append_results_row(cfg, path, t.checkpoint, metrics, t.untrained)
-        run.log({**{f"test/{k}": v for k, v in metrics.items() if v is not None},
-                 "test/samples": sample_table(by_id, store, list(preds)[:16], preds)})
+        samples = sample_table(run, by_id, store, list(preds)[:16], preds)
+        run.log({f"test/{k}": v for k, v in {**metrics, **samples}.items() if v is not None})
         run.summary.update({f"test/{k}": v for k, v in metrics.items() if v is not None})
     print(f"test results for {'the untrained model' if t.untrained else path} ({len(test.ids)} test images, retrieval pool {metrics.get('retrieval_pool', 0)}):")
     print(format_table(metrics))
