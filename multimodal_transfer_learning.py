@@ -439,6 +439,11 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~"))
 
 
+def is_hub_id(name: str) -> bool:
+    """Something to fetch from the hub: neither an existing path nor one that looks like a path."""
+    return bool(name) and not looks_local(name) and not Path(name).expanduser().exists()
+
+
 def dataset_kind(cfg: Config) -> str:
     """"karpathy", "folder" or "hub". Cheap, so a wrong local path fails before any model is loaded."""
     source = Path(cfg.dataset).expanduser()
@@ -968,8 +973,7 @@ def go_offline_if_hub_unreachable(cfg: Config, timeout: float = 5.0) -> None:
     within `timeout`, work offline for this run (cached copies still load) instead of letting the hub
     client retry every file with back-off for ~25 s before failing."""
     from huggingface_hub import constants
-    hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if n and not Path(n).expanduser().exists()
-                 and not looks_local(n)]
+    hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if is_hub_id(n)]
     if constants.HF_HUB_OFFLINE or not hub_names:
         return
     import httpx
@@ -1619,16 +1623,51 @@ def export_checkpoint(path: Path, ckpt: dict, folder: Path, repo_id: str | None 
 def model_card(info: dict, weights: dict, repo_id: str | None) -> str:
     """README.md of an export: what the model is, its metrics and on which data, how it was trained,
     what it is for and not for, and how to use it."""
-    c, images, test = info["config"], info["images"] or {}, info["test"]
+    c = info["config"]
     vision = c.get("vision_model") or DEFAULT_VISION_MODELS.get(c["vision_encoder"], "")
     tuning = (f"LoRA (rank {c.get('lora_rank')}) on every block" if c.get("tuning") == "lora"
               else f"its top {c['top_k']} blocks unfrozen")
-    hub_names = [n for n in (c["lm_model"], vision) if not looks_local(n)]
-    front = ["---", "library_name: pytorch", "pipeline_tag: image-to-text", "tags: [image-captioning, multimodal]"]
-    if not looks_local(c["lm_model"]):
-        front.append(f"base_model: {c['lm_model']}")
-    if not looks_local(c["dataset"]) and not Path(c["dataset"]).exists():
-        front.append(f"datasets: [{c['dataset']}]")
+    front = ["---", "library_name: pytorch", "pipeline_tag: image-to-text", "tags: [image-captioning, multimodal]",
+             *([f"base_model: {c['lm_model']}"] if is_hub_id(c["lm_model"]) else []),
+             *([f"datasets: [{c['dataset']}]"] if is_hub_id(c["dataset"]) else []), "---"]
+    local = not (is_hub_id(c["lm_model"]) and is_hub_id(vision))
+    folder = "captioner" if repo_id else "DIR"
+    return "\n".join([
+        *front, "",
+        f"# {info['source_checkpoint']}: an image captioner built on {c['lm_model']}", "",
+        f"A frozen vision encoder ({c['vision_encoder']}: `{vision}`) -> a trained {c['adapter']} adapter -> "
+        f"{c['num_visual_tokens']} visual tokens -> `{c['lm_model']}` with {tuning}, trained for {info['epoch']} "
+        f"epochs ({info['step']} optimizer steps) on (image, caption) pairs with `multimodal_transfer_learning.py`. "
+        f"Only the trained parts are here ({len(weights)} tensors, {sum(v.numel() for v in weights.values()):,} "
+        "parameters); the encoder and the LM come from their own repositories, under their own licences.", "",
+        *card_metrics(info), "",
+        "## Training settings", "", "| variable | value |", "|---|---|",
+        *(f"| {k.upper()} | `{c[k]!r}` |" for k in (*MODEL_KEYS, *DATA_KEYS, *TRAINING_KEYS) if k in c), "",
+        "## Intended use and limitations", "",
+        f"- A research baseline: short captions in the style of its training captions ({c['dataset']}), and a "
+        "starting point for ablations. Not for decisions about people, safety-critical use, or accessibility "
+        "without human review.",
+        "- Captions can be wrong: objects that are not there, wrong counts and colours, and the biases of the "
+        "training captions (e.g. guesses of gender or age).",
+        "- Trained on captions only: asked a question (`--ask`), it answers with a description of the image, "
+        "which answers 'what is in the picture' questions at best; it has not learnt to count, read text or reason.",
+        "- English only, one image at a time, at the encoder's input resolution.",
+        *(["- VISION_MODEL and/or LM_MODEL were local folders when this model was trained: where those folders do "
+           "not exist, point the variables at the same models (e.g. `LM_MODEL=Qwen/Qwen3-0.6B-Base`)."] if local else []),
+        "", "## Usage", "",
+        "With the script that wrote this folder (`multimodal_transfer_learning.py`, `pip install -r requirements.txt`):",
+        "", "```bash", *([f"hf download {repo_id} --local-dir captioner"] if repo_id else []),
+        f"python multimodal_transfer_learning.py --caption --checkpoint {folder} photo.jpg",
+        f"python multimodal_transfer_learning.py --ask 'What is in the picture?' --checkpoint {folder} photo.jpg",
+        f"python multimodal_transfer_learning.py --test --checkpoint {folder}", "```", "",
+        "`config.json` holds every setting needed to rebuild the model (no secrets), `model.safetensors` the "
+        "trained weights.", ""])
+
+
+def card_metrics(info: dict) -> list[str]:
+    """The model card's metrics: the test results if the checkpoint was tested, else the validation
+    metrics of its epoch (said so), with the split and pool sizes they come from."""
+    c, images, test = info["config"], info["images"], info["test"]
     if test:
         metrics = test["metrics"]
         source = (f"Test split: {test['num_test_images']} images, captions generated for {metrics.get('num_images')} "
@@ -1641,47 +1680,11 @@ def model_card(info: dict, weights: dict, repo_id: str | None) -> str:
     split = (f"The data was split 80/10/10 by image (SEED={c['seed']}): {images['train']} train, {images['val']} "
              f"validation and {images['test']} test images of {c['dataset']}." if images else
              "The split sizes were not recorded with this checkpoint.")
-    rows = [f"| {m} | {'missing' if metrics.get(m) is None else f'{metrics[m]:.4f}'} |" for m in CARD_METRICS
-            if m in metrics]
-    settings = [f"| {k.upper()} | `{c[k]!r}` |" for k in (*MODEL_KEYS, *DATA_KEYS, *TRAINING_KEYS) if k in c]
-    name = repo_id or "this folder"
-    local = ("" if len(hub_names) == 2 else
-             "\nVISION_MODEL and/or LM_MODEL were local folders when this model was trained: point them at the same "
-             "models (e.g. `LM_MODEL=Qwen/Qwen3-0.6B-Base`) where those folders do not exist.\n")
-    return "\n".join([
-        *front, "---", "",
-        f"# {info['source_checkpoint']}: an image captioner built on {c['lm_model']}", "",
-        f"A frozen vision encoder ({c['vision_encoder']}: `{vision}`) -> a trained {c['adapter']} adapter -> "
-        f"{c['num_visual_tokens']} visual tokens -> `{c['lm_model']}` with {tuning}, trained for {info['epoch']} "
-        f"epochs ({info['step']} optimizer steps) on (image, caption) pairs with `multimodal_transfer_learning.py`. "
-        f"Only the trained parts are here ({len(weights)} tensors, "
-        f"{sum(v.numel() for v in weights.values()):,} parameters); the encoder and the LM come from their own "
-        "repositories, under their own licences.", "",
-        "## Metrics", "", source, "", "| metric | value |", "|---|---|", *rows, "",
-        "BLEU, METEOR, ROUGE-L and CIDEr (CIDEr-D) by pycocoevalcap; Recall/Precision@K rank every caption of the "
-        "pool by the model's likelihood given the image. `missing` = not computed (METEOR needs Java).", "",
-        split, "",
-        "## Training settings", "", "| variable | value |", "|---|---|", *settings, "",
-        "## Intended use and limitations", "",
-        f"- A research baseline: short captions in the style of its training captions ({c['dataset']}), and a "
-        "starting point for ablations. Not for decisions about people, safety-critical use, or accessibility "
-        "without human review.",
-        "- Captions can be wrong: objects that are not there, wrong counts and colours, and the biases of the "
-        "training captions (e.g. guesses of gender or age).",
-        "- Trained on captions only: asked a question (`--ask`), it answers with a description of the image, "
-        "which answers 'what is in the picture' questions at best; it has not learnt to count, read text or reason.",
-        "- English only, one image at a time, the encoder's input resolution.", local,
-        "## Usage", "",
-        "With the script that wrote this folder (`multimodal_transfer_learning.py`, `pip install -r requirements.txt`):",
-        "", "```bash",
-        *([f"hf download {repo_id} --local-dir captioner"] if repo_id else []),
-        f"python multimodal_transfer_learning.py --caption --checkpoint {'captioner' if repo_id else 'DIR'} photo.jpg",
-        f"python multimodal_transfer_learning.py --ask 'What is in the picture?' --checkpoint "
-        f"{'captioner' if repo_id else 'DIR'} photo.jpg",
-        f"python multimodal_transfer_learning.py --test --checkpoint {'captioner' if repo_id else 'DIR'}",
-        "```", "",
-        f"`config.json` holds every setting needed to rebuild the model (no secrets); `model.safetensors` the "
-        f"trained weights of {name}.", ""])
+    return ["## Metrics", "", source, "", "| metric | value |", "|---|---|",
+            *(f"| {m} | {'missing' if metrics[m] is None else f'{metrics[m]:.4f}'} |" for m in CARD_METRICS
+              if m in metrics), "",
+            "BLEU, METEOR, ROUGE-L and CIDEr (CIDEr-D) by pycocoevalcap; Recall/Precision@K rank every caption of the "
+            "pool by the model's likelihood given the image. `missing` = not computed (METEOR needs Java).", "", split]
 
 
 def push_to_hub(folder: Path, repo_id: str, token: str, private: bool) -> str:
@@ -2454,6 +2457,7 @@ def cmd_sweep(cfg: Config, args) -> int:
         reason = run_variant(v, args)
         if reason:
             failed[v.file] = reason
+            log.warning(f"{v.file.stem} failed ({reason}); going on with the next variant")
     folders = [v.folder for v in variants if v.folder.is_dir()]
     if folders and any(find_run_files(folders)):
         print(compare_runs(folders, Path(cfg.output_dir_models)))

@@ -42,7 +42,7 @@ def exported(trained, shared_env):
                                   {**trained["env_a"], "LOG_LEVEL": "INFO"}),
         "test export": lambda: run_script(["--test", "--checkpoint", str(export)], elsewhere),
     }))
-    return {"folder": export, "ckpt": ckpt, "good": good, "ask": ask, "elsewhere": elsewhere, **res}
+    return {"folder": export, "ckpt": ckpt, "good": good, "ask paths": ask, **res}
 
 
 def test_export_holds_the_checkpoints_trained_weights_and_config_without_secrets(exported):
@@ -104,8 +104,8 @@ def test_ask_answers_every_readable_image_and_names_each_bad_one(exported):
     assert all(line.count("\t") == 1 for line in lines)
     errors = error_lines(res)
     assert len(errors) == 2 and "Traceback" not in res.stderr
-    assert exported["ask"][1] in errors[0] and "no such file" in errors[0]
-    assert exported["ask"][3] in errors[1] and "cannot read image" in errors[1]
+    assert exported["ask paths"][1] in errors[0] and "no such file" in errors[0]
+    assert exported["ask paths"][3] in errors[1] and "cannot read image" in errors[1]
 
 
 def test_export_replaces_an_earlier_export_and_never_overwrites_another_folder(trained, tmp_path, monkeypatch):
@@ -125,7 +125,7 @@ def test_export_replaces_an_earlier_export_and_never_overwrites_another_folder(t
     def broken_card(*args):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(mtl, "model_card", broken_card)
-    with pytest.raises(OSError):
+    with pytest.raises(mtl.UserError, match="No space left"):
         mtl.export_checkpoint(ckpt_path, ckpt, folder)
     assert json.loads((folder / "config.json").read_text())["epoch"] == 2  # the earlier export is intact
     assert sorted(os.listdir(tmp_path)) == ["out"]

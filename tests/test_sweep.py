@@ -29,6 +29,10 @@ def checkpoint_stamps(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*.pt")}
 
 
+def files_in(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
 def sweep_three_times(env: dict, files: Path) -> dict:
     """The sweep of top0 (TOP_K=0, 1 epoch), bad (TOP_K=x) and top1 (1 epoch); the same sweep again;
     then once more after top1 asks for 2 epochs (so its run counts as interrupted: resumed) and bad
@@ -39,8 +43,10 @@ def sweep_three_times(env: dict, files: Path) -> dict:
     args = ["--sweep", str(top0), str(bad), str(top1)]
     models = Path(env["OUTPUT_DIR_MODELS"])
     out = {"first": run_script(args, env, timeout=600)}
-    out["stamps"] = checkpoint_stamps(models)
+    out["stamps"], out["files"] = checkpoint_stamps(models), files_in(models)
+    out["comparison"] = (models / "comparison.md").read_text()
     out["again"] = run_script(args, env)
+    out["stamps again"] = checkpoint_stamps(models)
     out["history before"] = (models / "top1" / "clip_top1.history.jsonl").read_text()
     write(top1, "TOP_K=1\nEPOCHS=2\n")
     write(bad, f"DATASET={files / 'no-such-images'}\n")
@@ -82,13 +88,14 @@ def sweeps(shared_env):
 
 
 def test_valid_variants_finish_and_the_bad_one_is_reported_at_the_end_with_exit_1(sweeps):
-    res, models = sweeps["first"], sweeps["models"]
+    res = sweeps["first"]
     assert res.returncode == 1, explain(res)
     log = text(res)
     # each file's value beats the environment's (TOP_K=1 there); outputs in a folder per file stem
-    assert sorted(checkpoint_stamps(models)) == ["top0/1_clip_top0.pt", "top1/1_clip_top1.pt"]
-    assert (models / "top0" / "1_clip_top0.test.json").is_file() and (models / "top1" / "1_clip_top1.test.json").is_file()
-    assert not (models / "bad").exists()
+    assert sorted(sweeps["stamps"]) == ["top0/1_clip_top0.pt", "top1/1_clip_top1.pt"]
+    files = sweeps["files"]
+    assert {"top0/1_clip_top0.test.json", "top1/1_clip_top1.test.json", "top1/clip_top1.history.jsonl"} <= set(files)
+    assert not [f for f in files if f.startswith("bad")]
     progress = [log.index(f"sweep: variant {i} of 3") for i in (1, 2, 3)]
     assert progress == sorted(progress)
     (line,) = error_lines(res)
@@ -98,8 +105,8 @@ def test_valid_variants_finish_and_the_bad_one_is_reported_at_the_end_with_exit_
     # the comparison: printed and written, one row per tested variant, TOP_K the setting that differs
     assert "| run | top_k |" in res.stdout
     assert "| top0/1_clip_top0 | 0 |" in res.stdout and "| top1/1_clip_top1 | 1 |" in res.stdout
-    assert "| top0/1_clip_top0 | 0 |" in (models / "comparison.md").read_text()
-    assert (models / "comparison_val_loss.png").is_file()
+    assert "| top0/1_clip_top0 | 0 |" in sweeps["comparison"]
+    assert {"comparison.md", "comparison_val_loss.png", "comparison_test_metrics.png"} <= set(files)
 
 
 def test_rerunning_the_sweep_trains_nothing_new(sweeps):
@@ -108,7 +115,7 @@ def test_rerunning_the_sweep_trains_nothing_new(sweeps):
     log = text(res)
     assert "top0: finished" in log and "top1: finished" in log and log.count(": skipped") == 2
     assert "epoch 1/" not in log and "image features" not in log  # no child was started
-    assert checkpoint_stamps(sweeps["models"]) == sweeps["stamps"]
+    assert sweeps["stamps again"] == sweeps["stamps"]
     assert "| top1/1_clip_top1 | 1 |" in res.stdout
 
 
@@ -127,7 +134,7 @@ def test_an_interrupted_variant_resumes_keeps_its_history_and_a_childs_failure_i
     assert history[0] + "\n" == sweeps["history before"]  # epoch 1's line kept across the resume
     (line,) = error_lines(res)[-1:]
     assert "bad.env failed" in line and "no such image folder" in line, line
-    assert "| top1/2_clip_top1 | 2 |" in res.stdout  # epochs differ now
+    assert "| top0/1_clip_top0 | 0 | 1 |" in res.stdout and "| top1/2_clip_top1 | 1 | 2 |" in res.stdout
 
 
 def test_ctrl_c_stops_the_running_variant_cleanly_and_starts_no_other(sweeps):
