@@ -296,3 +296,9 @@ def trained(shared_env):
     res["A test"] = run_script(["--test"], env_a)
     assert res["A test"].returncode == 0, explain(res["A test"])
     return {"env_a": env_a, "env_d": env_d, "A": root / "A", "D": root / "D", **res}
+
+
+def prefix_embeds(model, features: torch.Tensor) -> torch.Tensor:
+    """[visual tokens][prompt tokens] of each image, as the model feeds them to the LM: (B, V + P, H)."""
+    ids = torch.tensor(model.prompt_ids, dtype=torch.long).repeat(len(features), 1)
+    return model.embed(features, ids)
