@@ -1,11 +1,14 @@
 """Export and the Hugging Face Hub: --export writes the trained parts of run A's checkpoint (see
 `trained` in conftest.py: 2 epochs on 40 images, tested, fake HF_TOKEN planted) as model.safetensors,
 config.json and a model card; --test, --caption and --ask accept the folder as --checkpoint and give
-what the checkpoint gives; --push-to-hub without network fails in one line and keeps the export whole."""
+what the checkpoint gives; --push-to-hub without network or with a rejected token fails in one line
+and keeps the export whole."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -158,3 +161,37 @@ def test_push_to_hub_without_network_is_one_line_and_leaves_the_export_complete(
     assert sorted(os.listdir(tmp_path)) == ["captioner"]
     assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
     assert mtl.read_checkpoint(folder)["epoch"] == 2
+
+
+class _RejectEverything(http.server.BaseHTTPRequestHandler):
+    """A hub that answers every request as huggingface.co answers a bad token."""
+
+    def _reject(self):
+        body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_HEAD = _reject
+
+    def log_message(self, *args):
+        pass
+
+
+def test_push_to_hub_with_a_rejected_token_is_one_line_that_says_so(trained, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RejectEverything)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {k: v for k, v in trained["env_a"].items() if k != "HF_HUB_OFFLINE"}
+        env.update(LOG_LEVEL="INFO", HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")
+        folder = tmp_path / "captioner"
+        res = run_script(["--export", str(folder), "--push-to-hub", "someone/captioner"], env)
+    finally:
+        server.shutdown()
+    assert res.returncode == 1, explain(res)
+    (line,) = error_lines(res)
+    assert "rejected" in line and "HF_TOKEN" in line and "write token" in line, line
+    assert HF_FAKE not in text(res) and "Traceback" not in res.stderr
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
