@@ -692,9 +692,33 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
             raise UserError(f"DEVICE={cfg.device} but no CUDA GPU is visible (set DEVICE=auto or cpu)", exit_code=2)
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise UserError("DEVICE=mps but MPS is not available (set DEVICE=auto or cpu)", exit_code=2)
+    check_tuning_support(cfg, device)  # here, so that every command judges it before any download
     if cfg.dtype == "fp32" or (cfg.dtype == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
         return device, torch.float32
     return device, torch.bfloat16
+
+
+def check_tuning_support(cfg: Config, device: torch.device) -> None:
+    """TUNING=lora needs peft, QLORA=1 also bitsandbytes and a CUDA GPU; all optional, so the default
+    recipe never imports them."""
+    if cfg.tuning != "lora":
+        return
+    require_package("peft", "TUNING=lora")
+    if not cfg.qlora:
+        return
+    if device.type != "cuda":
+        raise UserError(f"QLORA=1 needs a CUDA GPU (bitsandbytes 4-bit kernels) and the device is {device}: "
+                        "set QLORA=0 to train LoRA on the unquantized LM", exit_code=2)
+    require_package("bitsandbytes", "QLORA=1")
+    require_package("accelerate", "QLORA=1")  # transformers places quantized weights through it
+
+
+def require_package(name: str, needed_by: str, exit_code: int = 2) -> None:
+    import importlib
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"{needed_by} needs the optional package {name} ({e}): pip install {name}", exit_code) from None
 
 
 def read_lm_config(cfg: Config):
@@ -710,12 +734,23 @@ def load_language_model(cfg: Config, device, dtype):
     kw = dict(token=cfg.hf_token or None, trust_remote_code=cfg.trust_remote_code)
     tokenizer = call_hub("LM_MODEL", cfg.lm_model, AutoTokenizer.from_pretrained, cfg.lm_model, **kw)
     lm = call_hub("LM_MODEL", cfg.lm_model, AutoModelForCausalLM.from_pretrained, cfg.lm_model, dtype=dtype,
-                  attn_implementation="sdpa", **kw)
+                  attn_implementation="sdpa", **quantization_kwargs(cfg, device, dtype), **kw)
     if tokenizer.eos_token_id is None:
         raise UserError(f"LM_MODEL={cfg.lm_model}: its tokenizer has no EOS token, so captions could not end")
     if tokenizer.pad_token_id is None:  # Qwen3-Base may ship without one; pads are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    return lm.to(device), tokenizer
+    return (lm if cfg.qlora else lm.to(device)), tokenizer
+
+
+def quantization_kwargs(cfg: Config, device, dtype) -> dict:
+    """QLORA=1: load the LM's linear layers in 4-bit NF4, straight onto the GPU (a 4-bit model cannot be
+    moved with .to); they compute in DTYPE. Embeddings, norms and the head stay in DTYPE."""
+    if not cfg.qlora:
+        return {}
+    from transformers import BitsAndBytesConfig
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                      bnb_4bit_use_double_quant=True)
+    return {"quantization_config": quantization, "device_map": {"": device}}
 
 
 def freeze_except_top_k(lm, top_k: int) -> list[nn.Module]:
@@ -728,6 +763,39 @@ def freeze_except_top_k(lm, top_k: int) -> list[nn.Module]:
     for block in top:
         block.float().requires_grad_(True)
     return top
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def choose_trainable(lm, cfg: Config) -> None:
+    """TUNING: the LM trains its top TOP_K blocks, or LoRA matrices on every block (TOP_K is then ignored)."""
+    if cfg.tuning == "lora":
+        add_lora(lm, cfg)
+    else:
+        freeze_except_top_k(lm, cfg.top_k)
+
+
+def add_lora(lm, cfg: Config) -> None:
+    """Freeze the whole LM, then add LoRA matrices to the attention and MLP projections of every block.
+
+    peft injects them in place, so the LM stays an ordinary transformers model: generation, the compiled
+    fast path and `decoder_base` work unchanged. peft creates them in the base weights' dtype; they are
+    kept in fp32 since they are trained (the frozen base may be bf16 or 4-bit)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    lm.requires_grad_(False)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(LORA_TARGETS), bias="none")
+    try:
+        inject_adapter_in_model(lora, lm)
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        raise UserError(f"TUNING=lora: LM_MODEL={cfg.lm_model} has none of the projections LoRA targets "
+                        f"({', '.join(LORA_TARGETS)}); use TUNING=topk", exit_code=2) from None
+    for name, module in lm.named_modules():
+        if name.endswith((".lora_A", ".lora_B")):
+            module.float()
 
 
 def decoder_base(lm):
@@ -749,7 +817,7 @@ class Captioner(nn.Module):
         self.lm, self.tokenizer, self.device, self.dtype = lm, tokenizer, device, dtype
         hidden = lm.get_input_embeddings().embedding_dim
         self.adapter = Adapter(feature_dim, cfg.adapter_hidden, cfg.num_visual_tokens, hidden).to(device)
-        self.top_blocks = freeze_except_top_k(lm, cfg.top_k)
+        choose_trainable(lm, cfg)  # after the adapter, whose initialisation is then the same for every TUNING
         self.prompt_ids = self.tokenize_prompt(cfg.prompt)
         # PROMPTS: training draws one of these per pair, so that the model does not overfit one wording
         self.train_prompt_ids = [self.tokenize_prompt(p.strip()) for p in cfg.prompts.split(";") if p.strip()]
@@ -1864,11 +1932,9 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def import_pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("--compare draws its plots with matplotlib, which is not installed: pip install matplotlib") from None
+def import_pyplot(needed_by: str = "--compare"):
+    require_package("matplotlib", needed_by, exit_code=1)  # a command's missing tool, not a bad setting
+    import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
     return plt
@@ -2213,9 +2279,30 @@ def banner(cfg: Config, device, dtype, splits=None, model=None) -> None:
     if splits:
         log.info("data: " + ", ".join(f"{k} {len(s.ids)} images / {len(s.pairs)} captions" for k, s in splits.items()))
     if model is not None:
-        total, trainable = count_parameters(model)
-        log.info(f"parameters: {total:,} in adapter + LM, {trainable:,} trainable ({trainable / total:.2%}); "
-                 f"top {cfg.top_k} of {len(decoder_blocks(model.lm))} LM blocks unfrozen")
+        counts = parameter_counts(model)
+        log.info(f"parameters: adapter {counts['adapter']:,} trainable; LM {counts['lm']:,} trainable "
+                 f"({lm_tuning(cfg, model)}); {counts['frozen']:,} frozen")
+
+
+def parameter_counts(model: Captioner) -> dict[str, int]:
+    """Trainable parameters of the adapter and of the LM, and the frozen ones, counted as the weights they
+    stand for: a 4-bit tensor packs two per byte, its quant_state knows the real shape."""
+    def numel(p) -> int:
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        return math.prod(shape) if shape is not None else p.numel()
+    return {"adapter": sum(numel(p) for p in model.adapter.parameters() if p.requires_grad),
+            "lm": sum(numel(p) for p in model.lm.parameters() if p.requires_grad),
+            "frozen": sum(numel(p) for p in model.parameters() if not p.requires_grad)}
+
+
+def lm_tuning(cfg: Config, model: Captioner) -> str:
+    """What of the LM trains, in words."""
+    blocks = len(decoder_blocks(model.lm))
+    if cfg.tuning == "topk":
+        return f"top {cfg.top_k} of {blocks} blocks"
+    frozen = "frozen weights in 4-bit NF4, " if cfg.qlora else ""
+    return (f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout} on "
+            f"{'/'.join(LORA_TARGETS)} of all {blocks} blocks; {frozen}TOP_K is ignored")
 
 
 def wandb_footer(run) -> str:
@@ -2450,7 +2537,7 @@ def cmd_compare(cfg: Config, args) -> None:
 
 
 def cmd_sweep(cfg: Config, args) -> int:
-    import_pyplot()  # the comparison at the end needs it: say so before hours of training, not after
+    import_pyplot("--sweep (its comparison)")  # say so before hours of training, not after
     variants, failed = sweep_variants(args.sweep, cfg), {}
     for i, v in enumerate(variants, 1):
         log.info(f"sweep: variant {i} of {len(variants)}: {v.file}")

@@ -54,6 +54,23 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     return path
 
 
+# tiny_lm_dir's projection shapes (d_in, d_out): hidden 32, MLP 64, 4 query heads and 2 key/value heads of 16.
+FIXTURE_PROJECTIONS = {"self_attn.q_proj": (32, 64), "self_attn.k_proj": (32, 32), "self_attn.v_proj": (32, 32),
+                       "self_attn.o_proj": (64, 32), "mlp.gate_proj": (32, 64), "mlp.up_proj": (32, 64),
+                       "mlp.down_proj": (64, 32)}
+
+
+def lora_names_and_shapes(rank: int, blocks: int = 2) -> dict[str, tuple[int, int]]:
+    """What peft's LoRA on every projection of every block must add: A (rank, d_in) and B (d_out, rank)."""
+    out = {}
+    for block in range(blocks):
+        for proj, (d_in, d_out) in FIXTURE_PROJECTIONS.items():
+            prefix = f"lm.model.layers.{block}.{proj}"
+            out[f"{prefix}.lora_A.default.weight"] = (rank, d_in)
+            out[f"{prefix}.lora_B.default.weight"] = (d_out, rank)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -285,14 +302,17 @@ def shared_env(tmp_path_factory, tiny_lm_dir, tiny_clip_dir):
 def trained(shared_env):
     """Run A (2 epochs, fake HF_TOKEN/WANDB_API_KEY, DEBUG logging so the most text is written) and
     run D (same config and SEED, no secrets, another folder) side by side, then A's --test.
-    A feeds the secrets scan (test_cli.py) and resume, the NaN guard and determinism (test_training.py)."""
+    D cannot write its epoch-2 checkpoint (a folder stands in the way), so it stops there and its epoch-1
+    checkpoint stays the newest, with the optimizer state a resume needs (older epochs drop it).
+    A feeds the secrets scan (test_cli.py); A and D feed resume, the NaN guard and determinism (test_training.py)."""
     root, env = shared_env
     env_a = env("A", HF_TOKEN=HF_FAKE, WANDB_API_KEY=WANDB_FAKE, LOG_LEVEL="DEBUG")
     env_d = env("D")
+    (root / "D" / "models" / "2_clip_top1.pt").mkdir(parents=True)
     res = parallel({"A train": lambda: run_script(["--train"], env_a),
                     "D train": lambda: run_script(["--train"], env_d)})
     assert res["A train"].returncode == 0, explain(res["A train"])
-    assert res["D train"].returncode == 0, explain(res["D train"])
+    assert res["D train"].returncode == 1 and "could not write" in res["D train"].stderr, explain(res["D train"])
     res["A test"] = run_script(["--test"], env_a)
     assert res["A test"].returncode == 0, explain(res["A test"])
     return {"env_a": env_a, "env_d": env_d, "A": root / "A", "D": root / "D", **res}
