@@ -141,6 +141,23 @@ def test_export_replaces_an_earlier_export_and_never_overwrites_another_folder(t
     assert e.value.exit_code == 2 and os.listdir(mine) == ["notes.txt"]
 
 
+
+def test_a_lora_export_rebuilds_the_same_model(tiny_model, tmp_path):
+    """Every variant exports its trainable state dict as it is: LoRA weights round-trip too."""
+    cfg, _, model = tiny_model(output_dir_models=tmp_path, tuning="lora", lora_rank=2)
+    opt = mtl.make_optimizer(model, cfg)
+    mtl.train_step(model, opt, [(torch.randn(2, 24), model.tokenize_captions(["a red circle", "a blue square"]),
+                                 None)], cfg.grad_clip)
+    path = mtl.save_checkpoint(model, opt, cfg, 1, 1, {"loss": 1.0}, None)
+    mtl.export_checkpoint(path, mtl.read_checkpoint(path), tmp_path / "lora-export")
+    exported = mtl.read_checkpoint(tmp_path / "lora-export")
+    assert exported["config"]["tuning"] == "lora" and any("lora_" in k for k in exported["model"])
+    again = tiny_model(tuning="lora", lora_rank=2)[2]
+    mtl.load_weights(again, exported)
+    trained = model.state_dict()
+    assert all(torch.equal(p, trained[n]) for n, p in again.state_dict().items())
+    assert "LoRA (rank 2)" in (tmp_path / "lora-export" / "README.md").read_text()
+
 def test_a_folder_that_is_not_an_export_is_refused_as_checkpoint(tmp_path):
     with pytest.raises(mtl.UserError, match="must be an export written by --export"):
         mtl.read_checkpoint(tmp_path)
