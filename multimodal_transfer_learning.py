@@ -1461,6 +1461,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private; ours are ordinary files
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -1479,6 +1480,12 @@ def atomic_write(path: Path, write) -> None:
             raise UserError(f"could not write {path} ({cause}); free disk space or check the folder's "
                             "permissions — earlier files are intact") from e
         raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _os_error_in(e: BaseException) -> OSError | None:
@@ -1671,9 +1678,7 @@ def export_checkpoint(path: Path, ckpt: dict, folder: Path, repo_id: str | None 
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; an export is meant to be shared
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; an export is meant to be shared
         atomic_write(tmp / "model.safetensors", lambda fh: fh.write(weights))
         atomic_write(tmp / "config.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
         atomic_write(tmp / "README.md", lambda fh: fh.write(model_card(info, ckpt["model"], repo_id).encode()))
