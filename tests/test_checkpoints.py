@@ -97,6 +97,15 @@ def test_a_completed_save_is_complete(tmp_path):
     assert leftover_temp_files(tmp_path) == []
 
 
+def test_saved_files_follow_the_umask_like_any_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        mtl.atomic_save({"format": 1}, tmp_path / "a.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644  # readable by the group and others, as `touch` makes it
+
+
 def test_torch_load_is_always_weights_only():
     loads = []
     for node in ast.walk(ast.parse(SCRIPT.read_text())):
