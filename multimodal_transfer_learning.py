@@ -11,6 +11,8 @@ its top TOP_K blocks unfrozen -> cross-entropy on the caption and EOS tokens onl
     python multimodal_transfer_learning.py --caption a.jpg    # caption your own images
     python multimodal_transfer_learning.py --train --demo     # offline demo on synthetic shapes, CPU-friendly
     torchrun --standalone --nproc_per_node 8 multimodal_transfer_learning.py --train   # the same run on 8 GPUs
+    python multimodal_transfer_learning.py --sweep a.env b.env  # train + test each variant, then compare them
+    python multimodal_transfer_learning.py --export DIR       # share a checkpoint (--push-to-hub REPO_ID)
 
 Configuration comes from `.env` (or --env-file), overridden by real environment variables;
 see `.env.example` or `--help` for every variable. The contract lives in SPEC.md.
@@ -18,12 +20,14 @@ see `.env.example` or `--help` for every variable. The contract lives in SPEC.md
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import csv
 import dataclasses
 import datetime
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -32,6 +36,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -259,8 +264,9 @@ def _parse_value(raw: str, typ):
     return raw
 
 
-def read_environment(env_file: str | None, demo: bool) -> dict[str, str]:
-    """The variables in effect: the env file, overridden by real environment variables.
+def read_environment(env_file: str | None, demo: bool, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables in effect: the env file, overridden by real environment variables (`environ`:
+    os.environ, or what --sweep gives a variant).
 
     With --demo the file is read only for W&B and token variables (it describes the real run),
     and the demo preset fills in between."""
@@ -271,7 +277,7 @@ def read_environment(env_file: str | None, demo: bool) -> dict[str, str]:
     if demo:
         file_values = {k: v for k, v in file_values.items() if v and (k.startswith("WANDB_") or k in SECRET_ENV)}
         file_values = {**DEMO_PRESET, **file_values}
-    return {**file_values, **os.environ}
+    return {**file_values, **(os.environ if environ is None else environ)}
 
 
 def load_config(env: dict[str, str]) -> Config:
@@ -587,6 +593,11 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~"))
 
 
+def is_hub_id(name: str) -> bool:
+    """Something to fetch from the hub: neither an existing path nor one that looks like a path."""
+    return bool(name) and not looks_local(name) and not Path(name).expanduser().exists()
+
+
 def dataset_kind(cfg: Config) -> str:
     """"karpathy", "folder" or "hub". Cheap, so a wrong local path fails before any model is loaded."""
     source = Path(cfg.dataset).expanduser()
@@ -867,12 +878,12 @@ def check_tuning_support(cfg: Config, device: torch.device) -> None:
     require_package("accelerate", "QLORA=1")  # transformers places quantized weights through it
 
 
-def require_package(name: str, needed_by: str) -> None:
+def require_package(name: str, needed_by: str, exit_code: int = 2) -> None:
     import importlib
     try:
         importlib.import_module(name)
     except ImportError as e:
-        raise UserError(f"{needed_by} needs the optional package {name} ({e}): pip install {name}", exit_code=2) from None
+        raise UserError(f"{needed_by} needs the optional package {name} ({e}): pip install {name}", exit_code) from None
 
 
 def read_lm_config(cfg: Config):
@@ -1221,8 +1232,7 @@ def go_offline_if_hub_unreachable(cfg: Config, timeout: float = 5.0) -> None:
     within `timeout`, work offline for this run (cached copies still load) instead of letting the hub
     client retry every file with back-off for ~25 s before failing."""
     from huggingface_hub import constants
-    hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if n and not Path(n).expanduser().exists()
-                 and not looks_local(n)]
+    hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if is_hub_id(n)]
     if constants.HF_HUB_OFFLINE or not hub_names:
         return
     import httpx
@@ -1472,16 +1482,17 @@ def split_loss(model: Captioner, split: Split, cfg: Config) -> float:
 
 
 @torch.no_grad()
-def generate_captions(model: Captioner, features: torch.Tensor, cfg: Config, desc="generating") -> list[str]:
-    """A caption per row of `features`, EVAL_BATCH_SIZE at a time. Under torchrun each rank generates its
-    share of the batches and every rank gets all captions; sampling is seeded per batch, so a caption does
-    not depend on which rank made it."""
+def generate_captions(model: Captioner, features: torch.Tensor, cfg: Config, desc="generating",
+                      prompt_ids: list[int] | None = None) -> list[str]:
+    """Captions of the images (with PROMPT), or their text under another prompt, EVAL_BATCH_SIZE at a time.
+    Under torchrun each rank generates its share of the batches and every rank gets all texts; sampling is
+    seeded per batch, so a text does not depend on which rank made it."""
     model.eval()
     mine = {}
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         for items in progress_bar(DIST.my_batches(len(features), cfg.eval_batch_size), desc=desc, unit="batch"):
             torch.manual_seed(cfg.seed + items.start)  # sampling is reproducible and leaves the training RNG alone
-            mine[items.start] = model.generate(features[items.start: items.stop], decoding_kwargs(cfg))
+            mine[items.start] = model.generate(features[items.start: items.stop], decoding_kwargs(cfg), prompt_ids)
     every = {start: texts for part in DIST.gather(mine) for start, texts in part.items()}
     return [text for start in sorted(every) for text in every[start]]
 
@@ -1664,6 +1675,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private; ours are ordinary files
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -1682,6 +1694,12 @@ def atomic_write(path: Path, write) -> None:
             raise UserError(f"could not write {path} ({cause}); free disk space or check the folder's "
                             "permissions — earlier files are intact") from e
         raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _os_error_in(e: BaseException) -> OSError | None:
@@ -1735,6 +1753,9 @@ def drop_resume_state(path: Path) -> None:
 
 
 def read_checkpoint(path: Path) -> dict:
+    """A .pt checkpoint, or an export folder (`--export`) as the same dict."""
+    if path.is_dir():
+        return read_export(path)
     if not path.is_file():
         raise UserError(f"--checkpoint {path}: no such file")
     try:
@@ -1770,6 +1791,218 @@ def load_weights(model: Captioner, ckpt: dict) -> None:
     if missing:
         raise UserError(f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]})")
     model.load_state_dict(ckpt["model"], strict=False)
+
+
+def history_path(cfg: Config) -> Path:
+    """Beside the run's checkpoints ({epoch}_{run_name}.pt): {run_name}.history.jsonl."""
+    return Path(cfg.output_dir_models) / f"{cfg.run_name}.history.jsonl"
+
+
+def read_history(path: Path) -> list[dict]:
+    """The epochs a run's history records, one dict per line; [] if there is none yet."""
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            rows.append({**row, "epoch": int(row["epoch"])})
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{path}:{n} is not a history line ({type(e).__name__}: {e}); fix or delete the line") from None
+    return rows
+
+
+def record_epoch(cfg: Config, epoch: int, step: int, metrics: dict, images: dict[str, int]) -> None:
+    """Write the epoch's line of the run's history, keeping the earlier epochs (a resumed run's too).
+    A line for this epoch or a later one is from a run that went further before being restarted or
+    resumed from an earlier checkpoint: it is replaced."""
+    path = history_path(cfg)
+    kept = [row for row in read_history(path) if row["epoch"] < epoch]
+    line = {"epoch": epoch, "step": step, "train_loss": metrics["train_loss"], "train_seconds": metrics["train_seconds"],
+            "val_loss": metrics["loss"], "images": images,
+            "val_metrics": {k: v for k, v in metrics.items() if k not in ("loss", "train_loss", "train_seconds")}}
+    text = "".join(json.dumps(row) + "\n" for row in [*kept, line])
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+# =============================================================================================
+# Export and the Hugging Face Hub
+# =============================================================================================
+# An export is a folder anyone can use without this machine's files: model.safetensors (the
+# checkpoint's trainable weights), config.json (everything to rebuild the model, no secrets) and a
+# model card. `read_checkpoint` reads it back as it reads a .pt, so --test, --caption and --ask accept it.
+
+EXPORT_FORMAT = "multimodal_transfer_learning export"
+CARD_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1", "Recall@5", "Precision@1",
+                "Precision@5", "loss")
+
+
+def export_info(path: Path, ckpt: dict) -> dict:
+    """config.json of an export: the checkpoint's config, epoch and metrics, the test results written
+    beside it ({stem}.test.json) and the split sizes its run's history recorded."""
+    run = path.stem.split("_", 1)[-1]  # {epoch}_{run_name}.pt
+    history = {row["epoch"]: row for row in read_history(path.parent / f"{run}.history.jsonl")}
+    test_file = Path(f"{path.with_suffix('')}.test.json")
+    test = ckpt.get("test")
+    if test_file.is_file():
+        result = json.loads(test_file.read_text())
+        test = {k: result[k] for k in ("metrics", "num_test_images", "decoding")}
+    return {"format": EXPORT_FORMAT, "format_version": 1, "source_checkpoint": path.name,
+            "epoch": ckpt["epoch"], "step": ckpt.get("step"),
+            "config": {k: v for k, v in ckpt["config"].items() if k.upper() not in SECRET_ENV},
+            "images": history.get(ckpt["epoch"], {}).get("images", ckpt.get("images")),
+            "val_metrics": ckpt["metrics"], "test": test}
+
+
+def read_export_info(folder: Path) -> dict | None:
+    """An export's config.json, or None if the folder is not an export."""
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads((folder / "config.json").read_text())
+        if isinstance(info, dict) and info.get("format") == EXPORT_FORMAT:
+            return info
+    return None
+
+
+def read_export(folder: Path) -> dict:
+    """An export folder as the dict a .pt checkpoint gives (model, config, epoch, step, metrics)."""
+    from safetensors.torch import load_file
+    info = read_export_info(folder)
+    if info is None:
+        raise UserError(f"--checkpoint {folder}: a folder must be an export written by --export "
+                        "(config.json + model.safetensors); pass a .pt file or such a folder")
+    try:
+        weights = load_file(folder / "model.safetensors")
+    except Exception as e:
+        raise UserError(f"{folder / 'model.safetensors'} is not readable ({type(e).__name__}: {e}); export again") from None
+    return {"format": 1, "model": weights, "config": info["config"], "epoch": info["epoch"], "step": info["step"],
+            "metrics": info["val_metrics"], "images": info["images"], "test": info["test"]}
+
+
+def export_checkpoint(path: Path, ckpt: dict, folder: Path, repo_id: str | None = None) -> None:
+    """Write the export of a checkpoint into `folder`: into a temp folder beside it first, then renamed
+    into place, so a failure leaves no half-written export. An earlier export there is replaced;
+    any other folder that is not empty is refused."""
+    if folder.exists() and read_export_info(folder) is None and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"--export {folder}: it exists and is not an export; choose a new folder "
+                        "(an earlier export is replaced, anything else is never overwritten)", exit_code=2)
+    from safetensors.torch import save as safetensors_bytes
+    info = export_info(path, ckpt)
+    weights = safetensors_bytes({k: v.contiguous() for k, v in ckpt["model"].items()}, metadata={"format": "pt"})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; an export is meant to be shared
+        atomic_write(tmp / "model.safetensors", lambda fh: fh.write(weights))
+        atomic_write(tmp / "config.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
+        atomic_write(tmp / "README.md", lambda fh: fh.write(model_card(info, ckpt["model"], repo_id).encode()))
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_card(info: dict, weights: dict, repo_id: str | None) -> str:
+    """README.md of an export: what the model is, its metrics and on which data, how it was trained,
+    what it is for and not for, and how to use it."""
+    c = info["config"]
+    vision = c.get("vision_model") or DEFAULT_VISION_MODELS.get(c["vision_encoder"], "")
+    tuning = (f"LoRA (rank {c.get('lora_rank')}) on every block" if c.get("tuning") == "lora"
+              else f"its top {c['top_k']} blocks unfrozen")
+    front = ["---", "library_name: pytorch", "pipeline_tag: image-to-text", "tags: [image-captioning, multimodal]",
+             *([f"base_model: {c['lm_model']}"] if is_hub_id(c["lm_model"]) else []),
+             *([f"datasets: [{c['dataset']}]"] if is_hub_id(c["dataset"]) else []), "---"]
+    local = not (is_hub_id(c["lm_model"]) and is_hub_id(vision))
+    folder = "captioner" if repo_id else "DIR"
+    return "\n".join([
+        *front, "",
+        f"# {info['source_checkpoint']}: an image captioner built on {c['lm_model']}", "",
+        f"A frozen vision encoder ({c['vision_encoder']}: `{vision}`) -> a trained {c['adapter']} adapter -> "
+        f"{c['num_visual_tokens']} visual tokens -> `{c['lm_model']}` with {tuning}, trained for {info['epoch']} "
+        f"epochs ({info['step']} optimizer steps) on (image, caption) pairs with `multimodal_transfer_learning.py`. "
+        f"Only the trained parts are here ({len(weights)} tensors, {sum(v.numel() for v in weights.values()):,} "
+        "parameters); the encoder and the LM come from their own repositories, under their own licences.", "",
+        *card_metrics(info), "",
+        "## Training settings", "", "| variable | value |", "|---|---|",
+        *(f"| {k.upper()} | `{c[k]!r}` |" for k in (*MODEL_KEYS, *DATA_KEYS, *TRAINING_KEYS) if k in c), "",
+        "## Intended use and limitations", "",
+        f"- A research baseline: short captions in the style of its training captions ({c['dataset']}), and a "
+        "starting point for ablations. Not for decisions about people, safety-critical use, or accessibility "
+        "without human review.",
+        "- Captions can be wrong: objects that are not there, wrong counts and colours, and the biases of the "
+        "training captions (e.g. guesses of gender or age).",
+        "- Trained on captions only: asked a question (`--ask`), it answers with a description of the image, "
+        "which answers 'what is in the picture' questions at best; it has not learnt to count, read text or reason.",
+        "- English only, one image at a time, at the encoder's input resolution.",
+        *(["- VISION_MODEL and/or LM_MODEL were local folders when this model was trained: where those folders do "
+           "not exist, point the variables at the same models (e.g. `LM_MODEL=Qwen/Qwen3-0.6B-Base`)."] if local else []),
+        "", "## Usage", "",
+        "With the script that wrote this folder (`multimodal_transfer_learning.py`, `pip install -r requirements.txt`):",
+        "", "```bash", *([f"hf download {repo_id} --local-dir captioner"] if repo_id else []),
+        f"python multimodal_transfer_learning.py --caption --checkpoint {folder} photo.jpg",
+        f"python multimodal_transfer_learning.py --ask 'What is in the picture?' --checkpoint {folder} photo.jpg",
+        f"python multimodal_transfer_learning.py --test --checkpoint {folder}", "```", "",
+        "`config.json` holds every setting needed to rebuild the model (no secrets), `model.safetensors` the "
+        "trained weights.", ""])
+
+
+def card_metrics(info: dict) -> list[str]:
+    """The model card's metrics: the test results if the checkpoint was tested, else the validation
+    metrics of its epoch (said so), with the split and pool sizes they come from."""
+    c, images, test = info["config"], info["images"], info["test"]
+    if test:
+        metrics = test["metrics"]
+        source = (f"Test split: {test['num_test_images']} images, captions generated for {metrics.get('num_images')} "
+                  f"of them and scored against all their references; retrieval over a pool of "
+                  f"{metrics.get('retrieval_pool', 0)} images and all their captions; decoding {test['decoding']}.")
+    else:
+        metrics = info["val_metrics"]
+        source = (f"Validation split after epoch {info['epoch']} ({metrics.get('num_images')} images captioned): "
+                  "this checkpoint has not been tested yet (`--test`), so these are not test numbers.")
+    split = (f"The data was split 80/10/10 by image (SEED={c['seed']}): {images['train']} train, {images['val']} "
+             f"validation and {images['test']} test images of {c['dataset']}." if images else
+             "The split sizes were not recorded with this checkpoint.")
+    return ["## Metrics", "", source, "", "| metric | value |", "|---|---|",
+            *(f"| {m} | {'missing' if metrics[m] is None else f'{metrics[m]:.4f}'} |" for m in CARD_METRICS
+              if m in metrics), "",
+            "BLEU, METEOR, ROUGE-L and CIDEr (CIDEr-D) by pycocoevalcap; Recall/Precision@K rank every caption of the "
+            "pool by the model's likelihood given the image. `missing` = not computed (METEOR needs Java).", "", split]
+
+
+def push_to_hub(folder: Path, repo_id: str, token: str, private: bool) -> str:
+    """Upload an export folder to a model repository (created if needed); returns its URL."""
+    from huggingface_hub import create_repo, upload_folder
+    try:
+        url = create_repo(repo_id, token=token or None, private=private, exist_ok=True)
+        upload_folder(repo_id=repo_id, folder_path=folder, token=token or None,
+                      commit_message=f"Upload {folder.name} with multimodal_transfer_learning.py")
+    except Exception as e:
+        log.debug("upload failure", exc_info=True)
+        raise UserError(upload_failure(e, repo_id, folder), exit_code=2 if type(e).__name__ == "HFValidationError" else 1) from None
+    return str(url)
+
+
+def upload_failure(e: Exception, repo_id: str, folder: Path) -> str:
+    """One line: why the upload failed and what to do; the export itself is complete either way."""
+    from huggingface_hub import errors as hub_errors
+    later = f"the export in {folder} is complete: upload it later with the same command or `hf upload {repo_id} {folder}`"
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if type(e).__name__ == "HFValidationError":
+        return f"--push-to-hub {repo_id}: not a valid repository id (use owner/name)"
+    if isinstance(e, hub_errors.LocalTokenNotFoundError) or status in (401, 403):
+        return (f"--push-to-hub {repo_id}: the hub rejected the upload (HF_TOKEN missing, invalid, or without write "
+                f"access to {repo_id}); set HF_TOKEN to a write token; {later}")
+    network = any(c.__name__ == "TransportError" for c in type(e).__mro__)  # httpx: no connection, timeouts
+    if isinstance(e, hub_errors.OfflineModeIsEnabled) or network or (isinstance(e, OSError) and status is None):
+        return (f"--push-to-hub {repo_id}: upload failed, the hub is unreachable (no network, or HF_HUB_OFFLINE=1) "
+                f"({type(e).__name__}); {later}")
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {why}); {later}"
 
 
 # =============================================================================================
@@ -1849,6 +2082,156 @@ def sample_table(run, records_by_id, store, ids, preds) -> dict:
             image = wandb.Image(store.open(records_by_id[i].ref))
         table.add_data(i, image, preds.get(i, ""), " | ".join(records_by_id[i].captions))
     return {"samples": table}
+
+
+# =============================================================================================
+# Comparing runs
+# =============================================================================================
+# --compare reads what every run leaves on disk (results.csv rows from --test, {run}.history.jsonl
+# from --train), so runs compare without W&B, across machines and across versions of this script.
+
+LOWER_IS_BETTER = ("loss",)
+SIZE_COLUMNS = ("retrieval_pool", "num_images")  # how much was scored: a setting, not a metric
+PLOTTED_TEST_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1", "Recall@5")
+
+
+def find_run_files(folders: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Every results.csv and every run history under the folders."""
+    results = {p.resolve() for f in folders for p in f.rglob("results.csv")}
+    histories = {p.resolve() for f in folders for p in f.rglob("*.history.jsonl")}
+    return sorted(results), sorted(histories)
+
+
+def run_label(folder: Path, root: Path, name: str) -> str:
+    """A run's name in tables and legends: its folder relative to what all runs share, and its name."""
+    return str(folder.relative_to(root) / name)
+
+
+def read_results(paths: list[Path], root: Path) -> list[dict]:
+    """The results.csv rows as dicts with a 'run' label. Several rows for the same checkpoint and
+    decoding (--test run again) count once: the newest, i.e. the last in its file."""
+    rows = {}
+    for path in paths:
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                label = run_label(path.parent, root, Path(row.get("checkpoint") or "?").stem)
+                rows[(label, row.get("decoding"))] = {"run": label, **row}  # a newer row replaces an older one
+    return list(rows.values())
+
+
+def number(text) -> float | None:
+    """A metric cell as a number; None if it is missing (empty, as results.csv writes a missing metric)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Markdown: one row per run; the settings that differ between runs, then every test metric, the
+    best value of each in bold (when at least two runs have it); a metric a run lacks is 'missing'."""
+    metrics = [m for m in RESULT_METRICS if m not in SIZE_COLUMNS]
+    columns = dict.fromkeys(c for r in rows for c in r if c not in ("run", "checkpoint", *metrics))
+    settings = [c for c in columns if len({r.get(c) or "" for r in rows}) > 1]
+    best = {}
+    for m in metrics:
+        values = [v for r in rows if (v := number(r.get(m))) is not None]
+        if len(values) >= 2:
+            best[m] = min(values) if m in LOWER_IS_BETTER else max(values)
+
+    def cell(row, m):
+        v = number(row.get(m))
+        if v is None:
+            return "missing"
+        return f"**{v:.4f}**" if v == best.get(m) else f"{v:.4f}"
+    lines = ["| " + " | ".join(["run", *settings, *metrics]) + " |", "|" + "---|" * (1 + len(settings) + len(metrics))]
+    for r in rows:
+        cells = [r["run"], *(r.get(c) or "" for c in settings), *(cell(r, m) for m in metrics)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def import_pyplot(needed_by: str = "--compare"):
+    require_package("matplotlib", needed_by, exit_code=1)  # a command's missing tool, not a bad setting
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
+
+
+def plot_histories(plt, histories: dict[str, list[dict]], folder: Path) -> list[Path]:
+    """Val loss and val CIDEr per epoch, one line per run."""
+    paths = []
+    for name, title, value in (("val_loss", "val loss", lambda h: h.get("val_loss")),
+                               ("val_cider", "val CIDEr", lambda h: (h.get("val_metrics") or {}).get("CIDEr"))):
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for label, rows in histories.items():
+            ys = [number(value(h)) for h in rows]
+            ax.plot([h["epoch"] for h in rows], [math.nan if y is None else y for y in ys], marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel=title, title=f"{title} per epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths.append(folder / f"comparison_{name}.png")
+        save_figure(fig, paths[-1])
+        plt.close(fig)
+    return paths
+
+
+def plot_test_metrics(plt, rows: list[dict], folder: Path) -> Path:
+    """The main test metrics, one bar per run; a missing metric is labelled, never drawn as 0."""
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.4 * len(PLOTTED_TEST_METRICS)), 4))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(PLOTTED_TEST_METRICS))]
+        values = [number(r.get(m)) for m in PLOTTED_TEST_METRICS]
+        ax.bar(xs, [math.nan if v is None else v for v in values], width, label=r["run"])
+        for x, v in zip(xs, values):
+            if v is None:
+                ax.text(x, 0, "missing", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(PLOTTED_TEST_METRICS)), PLOTTED_TEST_METRICS)
+    ax.set(ylabel="test score", title="test metrics per run")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    path = folder / "comparison_test_metrics.png"
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def compare_runs(folders: list[Path], out: Path) -> str:
+    """Read every run under the folders; write comparison.md and the comparison_*.png plots into `out`.
+    Returns the Markdown table."""
+    for f in folders:
+        if not f.is_dir():
+            raise UserError(f"--compare {f}: no such folder")
+    plt = import_pyplot()  # before writing anything
+    results, history_files = find_run_files(folders)
+    if not results and not history_files:
+        raise UserError(f"no results.csv or *.history.jsonl under {', '.join(map(str, folders))}: "
+                        "train (--train) and test (--test) first")
+    root = Path(os.path.commonpath([p.parent for p in results + history_files]))
+    rows = read_results(results, root)
+    histories = {run_label(p.parent, root, p.name.removesuffix(".history.jsonl")): read_history(p)
+                 for p in history_files}
+    plots = plot_histories(plt, histories, out) if histories else []
+    if rows:
+        plots.append(plot_test_metrics(plt, rows, out))
+    table = comparison_table(rows) if rows else "(no test results yet: run --test)"
+    doc = "\n".join([
+        f"# Comparison of {len(rows)} tested runs", "",
+        f"Under {', '.join(str(f) for f in folders)}. Test metrics from results.csv (the newest row per checkpoint "
+        "and decoding); **bold** = the best per metric (loss: lowest; the rest: highest); `missing` = not computed "
+        "(e.g. METEOR without Java). Columns between run and the metrics: the settings that differ.", "",
+        table, "", *(f"![{p.stem}]({p.name})" for p in plots), ""])
+    atomic_write(out / "comparison.md", lambda fh: fh.write(doc.encode()))
+    log.info(f"wrote {out / 'comparison.md'}" + "".join(f", {p.name}" for p in plots))
+    return table
 
 
 # =============================================================================================
@@ -1947,13 +2330,146 @@ def make_demo_files(cfg: Config) -> dict[str, Path]:
 
 def demo_config(cfg: Config, files: dict[str, Path]) -> Config:
     """The config pointed at the demo's files. A random LM has no language to keep, so every block
-    trains (TOP_K = all)."""
+    trains (TOP_K = all) and checkpoints go under CACHE_DIR/demo, unless the environment sets TOP_K or
+    OUTPUT_DIR_MODELS (with --demo only the environment can: a sweep's variants do)."""
     from transformers import AutoConfig
     num_layers = AutoConfig.from_pretrained(files["lm_model"]).num_hidden_layers
+    top_k = cfg.top_k if cfg.top_k != Config.top_k else num_layers
+    output_dir = cfg.output_dir_models if cfg.output_dir_models != Config.output_dir_models \
+        else str(files["root"] / "checkpoints")
     return dataclasses.replace(cfg, dataset=str(files["dataset"]), vision_model=str(files["vision_model"]),
-                               lm_model=str(files["lm_model"]), top_k=num_layers,
-                               output_dir_models=str(files["root"] / "checkpoints"),
+                               lm_model=str(files["lm_model"]), top_k=top_k, output_dir_models=output_dir,
                                cache_dir=str(files["root"] / "cache"))
+
+
+# =============================================================================================
+# Sweeps: one variant per env file
+# =============================================================================================
+# Each variant runs in a child process (this script with --train, then --test), so that a crash, a
+# non-finite loss or a leaked GPU allocation in one cannot touch the next. The child shares our
+# process group: Ctrl-C in a terminal stops it as cleanly as a direct run, and the sweep with it.
+
+@dataclass
+class Variant:
+    file: Path
+    env: dict[str, str]  # the child's environment: ours, then the file's values, then its OUTPUT_DIR_MODELS
+    folder: Path         # its OUTPUT_DIR_MODELS
+
+
+def sweep_variants(files: list[str], base: Config) -> list[Variant]:
+    """Each file's variant. The file's values win over the base configuration (the --env-file or .env
+    file, then the real environment); its outputs go to OUTPUT_DIR_MODELS/<file stem>/ unless it sets
+    OUTPUT_DIR_MODELS itself."""
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise UserError(f"--sweep: no such env file: {', '.join(missing)}", exit_code=2)
+    variants, derived = [], []
+    for f in map(Path, files):
+        values = {k: v for k, v in dotenv_values(f).items() if v is not None}
+        folder = values.get("OUTPUT_DIR_MODELS") or str(Path(base.output_dir_models) / f.stem)
+        if "OUTPUT_DIR_MODELS" not in values:
+            derived.append(f.stem)
+        variants.append(Variant(f, {**os.environ, **values, "OUTPUT_DIR_MODELS": folder}, Path(folder)))
+    twice = sorted({s for s in derived if derived.count(s) > 1})
+    if twice:
+        raise UserError(f"--sweep: several files named {twice[0]}.*, but each variant's outputs go to a folder "
+                        "named after its file: rename one, or set OUTPUT_DIR_MODELS in it", exit_code=2)
+    return variants
+
+
+def variant_config(v: Variant, args) -> Config:
+    """The variant's configuration as its child process will see it."""
+    cfg = load_config(read_environment(args.env_file, args.demo, v.env))
+    return demo_config(cfg, make_demo_files(cfg)) if args.demo else cfg
+
+
+def sweep_state(cfg: Config) -> str:
+    """new, interrupted (checkpoints, but not of the last epoch), trained (not tested) or finished."""
+    try:
+        last = find_last_checkpoint(cfg)
+    except UserError:
+        return "new"
+    if int(last.name.split("_")[0]) < cfg.epochs:
+        return "interrupted"
+    return "finished" if Path(f"{last.with_suffix('')}.test.json").is_file() else "trained"
+
+
+SWEEP_JOBS = {"new": (["--train"], ["--test"]), "interrupted": (["--train", "--resume"], ["--test"]),
+              "trained": (["--test"],), "finished": ()}
+
+
+def run_variant(v: Variant, args) -> str | None:
+    """Train (or resume) and test one variant, unless it is finished. Returns None, or why it failed."""
+    try:
+        cfg = variant_config(v, args)
+    except UserError as e:
+        return " ".join(str(e).split())
+    state = sweep_state(cfg)
+    log.info(f"{v.file.stem}: {state} ({cfg.run_name}, {cfg.epochs} epochs) in {v.folder}"
+             + {"new": "", "interrupted": ": resuming", "trained": ": testing", "finished": ": skipped"}[state])
+    flags = [*(["--env-file", args.env_file] if args.env_file else []), *(["--demo"] if args.demo else []),
+             *(["--debug"] if args.debug else [])]
+    for job in SWEEP_JOBS[state]:
+        code, stderr_tail = run_child([*job, *flags], v.env)
+        if code == 130:  # the child alone was interrupted: the user means the sweep
+            raise KeyboardInterrupt
+        if code == 143:
+            raise Stopped()
+        if code:
+            return error_reason(stderr_tail) or f"{' '.join(job)} exited with code {code}"
+    return None
+
+
+def run_child(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run this script with `argv`, its stderr passed through to ours (through a pseudo-terminal when
+    ours is a terminal, so that progress bars and colours look as in a direct run). Returns its exit
+    code and the end of its stderr."""
+    if sys.stderr.isatty():
+        import pty
+        read_fd, write_fd = pty.openpty()
+    else:
+        read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], env=env, stderr=write_fd)
+    os.close(write_fd)
+    try:
+        tail = pass_through(read_fd)
+    except (KeyboardInterrupt, Stopped) as e:
+        if isinstance(e, Stopped):  # SIGTERM reached us alone; Ctrl-C in a terminal reached the child too
+            proc.terminate()
+        pass_through(read_fd)  # let the child stop cleanly: unread output would block it
+        proc.wait()
+        raise
+    finally:
+        os.close(read_fd)
+    return proc.wait(), tail
+
+
+def pass_through(fd: int, keep: int = 20_000) -> str:
+    """Copy what arrives on `fd` to stderr until the writer closes it; returns the last `keep` characters."""
+    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # a pseudo-terminal reports EIO once the child has exited
+            chunk = b""
+        if not chunk:
+            return tail
+        text = decoder.decode(chunk)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        tail = (tail + text)[-keep:]
+
+
+def error_reason(stderr: str) -> str | None:
+    """The last error a child logged, on one line (with the '  - ' lines of a multi-line message), or
+    else the last line of a traceback."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", stderr).replace("\r", "\n").splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        m = re.match(r"\d\d:\d\d:\d\d ERROR\s+(.*)", lines[i])
+        if m:
+            more = [line.strip() for line in itertools.takewhile(lambda x: x.startswith("  - "), lines[i + 1:])]
+            return " ".join([m[1], *more])
+    return next((line for line in reversed(lines) if line.strip()), None)
 
 
 # =============================================================================================
@@ -2085,8 +2601,11 @@ def cmd_train(cfg: Config, args) -> None:
             samples = sample_table(run, by_id, store, fixed_val, preds)
             run.log({f"val/{k}": v for k, v in {**metrics, **samples}.items() if v is not None} | {"epoch": epoch},
                     step=state["step"])
-            path = save_checkpoint(model, opt, cfg, epoch, state["step"], metrics, run.id) if DIST.is_main \
-                else checkpoint_path(cfg, epoch)
+            path = checkpoint_path(cfg, epoch)
+            if DIST.is_main:
+                # history first: if the run dies between the two writes, resuming redoes the epoch and replaces its line
+                record_epoch(cfg, epoch, state["step"], metrics, {k: len(s.ids) for k, s in splits.items()})
+                save_checkpoint(model, opt, cfg, epoch, state["step"], metrics, run.id)
             DIST.barrier()  # the others wait for the checkpoint here, not in the next step's lockstep exchange
             log.info(f"epoch {epoch} ({train_seconds:.0f} s): train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
                      f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f} -> {path}")
@@ -2098,7 +2617,8 @@ def cmd_train(cfg: Config, args) -> None:
 
 @dataclass
 class Trained:
-    """A trained model as --test and --caption use it: rebuilt from a checkpoint's stored config."""
+    """A trained model as --test and --caption use it: rebuilt from a checkpoint's stored config.
+    untrained: the model before training instead (--test --untrained); `path` then names its results."""
     cfg: Config
     path: Path
     checkpoint: dict
@@ -2106,6 +2626,7 @@ class Trained:
     dtype: torch.dtype
     encoder: VisionEncoder
     model: Captioner
+    untrained: bool = False
 
 
 def load_trained(cfg: Config, args) -> Trained:
@@ -2120,8 +2641,17 @@ def load_trained(cfg: Config, args) -> Trained:
     return Trained(cfg, path, ckpt, device, dtype, encoder, model)
 
 
+def build_untrained(cfg: Config) -> Trained:
+    """The zero-shot baseline: the adapter at its SEED initialisation, the LM as pretrained."""
+    device, dtype = resolve_device(cfg)
+    encoder, model = build_model(cfg, device, dtype)
+    model.eval()
+    path = Path(cfg.output_dir_models) / f"untrained_{cfg.run_name}"
+    return Trained(cfg, path, {"epoch": 0}, device, dtype, encoder, model, untrained=True)
+
+
 def cmd_test(cfg: Config, args) -> None:
-    t = load_trained(cfg, args)
+    t = build_untrained(cfg) if args.untrained else load_trained(cfg, args)
     cfg, path = t.cfg, t.path
     splits, by_id, store = prepare_data(cfg, load_records(cfg), t.encoder, t.model)
     if wants_compile(cfg, t.device):
@@ -2133,18 +2663,19 @@ def cmd_test(cfg: Config, args) -> None:
         if not DIST.is_main:
             return  # rank 0 writes and reports
         decoding = {k: v for k, v in decoding_kwargs(cfg).items() if v is not None}
-        result = {"checkpoint": str(path), "epoch": t.checkpoint["epoch"], "metrics": metrics, "decoding": decoding,
+        result = {"checkpoint": None if t.untrained else str(path), "untrained": t.untrained,
+                  "epoch": t.checkpoint["epoch"], "metrics": metrics, "decoding": decoding,
                   "num_test_images": len(test.ids), "config": cfg.public()}
         stem = path.with_suffix("")
         atomic_write(Path(f"{stem}.test.json"), lambda fh: fh.write(json.dumps(result, indent=2).encode()))
         lines = "".join(json.dumps({"image_id": i, "generated": preds[i], "references": by_id[i].captions}) + "\n"
                         for i in preds)
         atomic_write(Path(f"{stem}.test_captions.jsonl"), lambda fh: fh.write(lines.encode()))
-        append_results_row(cfg, path, t.checkpoint, metrics)
+        append_results_row(cfg, path, t.checkpoint, metrics, t.untrained)
         samples = sample_table(run, by_id, store, list(preds)[:16], preds)
         run.log({f"test/{k}": v for k, v in {**metrics, **samples}.items() if v is not None})
         run.summary.update({f"test/{k}": v for k, v in metrics.items() if v is not None})
-    print(f"test results for {path} ({len(test.ids)} test images, retrieval pool {metrics.get('retrieval_pool', 0)}):")
+    print(f"test results for {'the untrained model' if t.untrained else path} ({len(test.ids)} test images, retrieval pool {metrics.get('retrieval_pool', 0)}):")
     print(format_table(metrics))
     log.info(f"wrote {stem}.test.json and {stem}.test_captions.jsonl; {wandb_footer(run)}")
 
@@ -2152,15 +2683,17 @@ def cmd_test(cfg: Config, args) -> None:
 RESULT_METRICS = ("loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1",
                   "Recall@5", "Precision@1", "Precision@5", "T2I-Recall@1", "T2I-Recall@5", "retrieval_pool",
                   "num_images")
-RESULT_COLUMNS = ("checkpoint", *MODEL_KEYS, "decoding", "epochs", *RESULT_METRICS)
+RESULT_COLUMNS = ("checkpoint", *MODEL_KEYS, "decoding", "epochs", "untrained", *RESULT_METRICS)
 
 
-def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict) -> None:
+def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict, untrained: bool = False) -> None:
     """One row per --test run in results.csv, so ablations line up side by side. A file written
-    with other columns (an older version) is rewritten with the union, so no row is lost."""
+    with other columns (an older version) is rewritten with the union, so no row is lost.
+    The zero-shot baseline's row says untrained=yes (and epochs=0; its checkpoint is untrained_{run})."""
     results = Path(cfg.output_dir_models) / "results.csv"
     row = {"checkpoint": path.name, **{k: getattr(cfg, k) for k in MODEL_KEYS}, "decoding": cfg.decoding,
-           "epochs": ckpt["epoch"], **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_METRICS}}
+           "epochs": ckpt["epoch"], "untrained": "yes" if untrained else "no",
+           **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_METRICS}}
     rows, columns = [], list(RESULT_COLUMNS)
     if results.is_file():
         with open(results, newline="") as fh:
@@ -2177,25 +2710,80 @@ def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict) -> No
     atomic_write(results, write)
 
 
-def cmd_caption(cfg: Config, args) -> int:
-    t = load_trained(cfg, args)
-    cfg, encoder = t.cfg, t.encoder
-    failed = 0
-    for start in range(0, len(args.images), cfg.eval_batch_size):
+def encoded_images(paths: list[str], encoder: VisionEncoder, batch_size: int):
+    """(paths, features) per batch of the readable image files; each unreadable one is reported in one line."""
+    for start in range(0, len(paths), batch_size):
         names, pixels = [], []
-        for name in args.images[start: start + cfg.eval_batch_size]:
+        for name in paths[start: start + batch_size]:
             try:
                 with Image.open(name) as img:
                     pixels.append(encoder.preprocess(img))
                 names.append(name)
             except Exception as e:
-                failed += 1
                 reason = "no such file" if isinstance(e, FileNotFoundError) else f"cannot read image ({type(e).__name__}: {e})"
                 log.error(f"{name}: {reason}")
         if names:
-            captions = generate_captions(t.model, encoder(torch.stack(pixels)), cfg, desc="captioning")
-            for name, caption in zip(names, captions):
-                print(f"{name}\t{caption}", flush=True)
+            yield names, encoder(torch.stack(pixels))
+
+
+def describe_images(t: Trained, paths: list[str], prompt_ids: list[int] | None = None) -> int:
+    """Print path<TAB>text for each readable image: its caption, or under another prompt (a question)
+    the answer. Returns the exit code: 1 if any image could not be read."""
+    done = 0
+    for names, features in encoded_images(paths, t.encoder, t.cfg.eval_batch_size):
+        texts = generate_captions(t.model, features, t.cfg, desc="captioning", prompt_ids=prompt_ids)
+        for name, text in zip(names, texts):
+            print(f"{name}\t{text}", flush=True)
+        done += len(names)
+    return 1 if done < len(paths) else 0
+
+
+def cmd_caption(cfg: Config, args) -> int:
+    return describe_images(load_trained(cfg, args), args.images)
+
+
+# The question takes the prompt's place. A model trained on captions only has learnt to describe
+# whatever follows its visual tokens: it answers with a description, whatever the question.
+ASK_TEMPLATE = "Question: {question} Answer:"
+
+
+def cmd_ask(cfg: Config, args) -> int:
+    t = load_trained(cfg, args)
+    prompt_ids = t.model.tokenize_prompt(ASK_TEMPLATE.format(question=" ".join(args.ask.split())))
+    return describe_images(t, args.images, prompt_ids)
+
+
+def cmd_export(cfg: Config, args) -> None:
+    path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
+    folder = Path(args.export)
+    export_checkpoint(path, read_checkpoint(path), folder, args.push_to_hub)
+    log.info(f"exported {path} to {folder}/ (model.safetensors, config.json, README.md)")
+    if args.push_to_hub:
+        log.info(f"uploaded to {push_to_hub(folder, args.push_to_hub, cfg.hf_token, args.private)}")
+
+
+def cmd_compare(cfg: Config, args) -> None:
+    folders = [Path(d) for d in args.compare] or [Path(cfg.output_dir_models)]
+    print(compare_runs(folders, folders[0]))
+
+
+def cmd_sweep(cfg: Config, args) -> int:
+    import_pyplot("--sweep (its comparison)")  # say so before hours of training, not after
+    variants, failed = sweep_variants(args.sweep, cfg), {}
+    for i, v in enumerate(variants, 1):
+        log.info(f"sweep: variant {i} of {len(variants)}: {v.file}")
+        reason = run_variant(v, args)
+        if reason:
+            failed[v.file] = reason
+            log.warning(f"{v.file.stem} failed ({reason}); going on with the next variant")
+    folders = [v.folder for v in variants if v.folder.is_dir()]
+    if folders and any(find_run_files(folders)):
+        print(compare_runs(folders, Path(cfg.output_dir_models)))
+    for file, reason in failed.items():
+        log.error(f"sweep: {file} failed: {reason}")
+    log.info(f"sweep: {len(variants) - len(failed)} of {len(variants)} variants done"
+             + (f", {len(failed)} failed (rerun the sweep after fixing them: finished variants are skipped)"
+                if failed else ""))
     return 1 if failed else 0
 
 
@@ -2215,18 +2803,61 @@ def parse_args(argv=None):
     job.add_argument("--train", action="store_true", help="train, validate and checkpoint every epoch")
     job.add_argument("--test", action="store_true", help="evaluate the last checkpoint on the test split")
     job.add_argument("--caption", action="store_true", help="caption the image files IMG ... with the last checkpoint")
-    p.add_argument("images", nargs="*", metavar="IMG", help="image files for --caption")
-    p.add_argument("--env-file", metavar="PATH", help="read this file instead of ./.env")
-    p.add_argument("--checkpoint", metavar="PATH", help="use this checkpoint instead of the last one")
+    job.add_argument("--ask", metavar="QUESTION", help="answer QUESTION about each image IMG ... (prints path<TAB>answer)")
+    job.add_argument("--sweep", nargs="+", metavar="ENV_FILE",
+                     help="for each file: --train then --test with its settings over the base configuration, outputs "
+                          "in OUTPUT_DIR_MODELS/<file stem>/; finished variants are skipped, interrupted ones resumed; "
+                          "ends with the comparison")
+    job.add_argument("--compare", nargs="*", metavar="DIR",
+                     help="table and plots of every run under the folders (default OUTPUT_DIR_MODELS): comparison.md "
+                          "and comparison_*.png in the first")
+    job.add_argument("--export", metavar="DIR", help="write the last (or --checkpoint) checkpoint as model.safetensors, "
+                                                     "config.json and a README.md model card")
+    p.add_argument("images", nargs="*", metavar="IMG", help="image files for --caption and --ask")
+    p.add_argument("--env-file", metavar="PATH", help="read this file instead of ./.env (--sweep: the base configuration)")
+    p.add_argument("--checkpoint", metavar="PATH", help="use this checkpoint (a .pt file or an --export folder) "
+                                                        "instead of the last one")
     p.add_argument("--resume", action="store_true", help="with --train: continue from the last checkpoint")
+    p.add_argument("--untrained", action="store_true",
+                   help="with --test: evaluate the model before training (the zero-shot baseline row)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="with --export: upload the folder to this Hugging Face "
+                                                            "model repository (HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("--demo", action="store_true", help="offline demo: synthetic shapes and tiny random models")
     p.add_argument("--debug", action="store_true", help="show tracebacks of expected failures")
     args = p.parse_args(argv)
-    if args.resume and not args.train:
-        p.error("--resume goes with --train")
-    if args.caption != bool(args.images):
-        p.error("--caption needs at least one image path" if args.caption else "image paths go with --caption")
+    takes_images = args.caption or args.ask is not None
+    for flag, ok, rule in (("--resume", args.train, "--resume goes with --train"),
+                           ("--untrained", args.test, "--untrained goes with --test"),
+                           ("--push-to-hub", args.export, "--push-to-hub goes with --export DIR"),
+                           ("--private", args.push_to_hub, "--private goes with --push-to-hub"),
+                           ("--checkpoint", not (args.sweep or args.compare is not None or args.untrained),
+                            "--checkpoint goes with --test, --caption, --ask, --export or --train --resume")):
+        if getattr(args, flag[2:].replace("-", "_")) and not ok:
+            p.error(rule)
+    if takes_images != bool(args.images):
+        p.error("--caption and --ask need at least one image path" if takes_images
+                else "image paths go with --caption or --ask")
+    if args.ask is not None and not args.ask.strip():
+        p.error("--ask needs a question, e.g. --ask 'What is the dog doing?' IMG")
     return args
+
+
+def resume_command(args) -> str:
+    launcher = "torchrun ... " if DIST.launched else "python "
+    return (f"{launcher}multimodal_transfer_learning.py --train --resume{' --demo' if args.demo else ''}"
+            f"{f' --env-file {args.env_file}' if args.env_file else ''}")
+
+
+def stop_message(args, code: int) -> str:
+    """What Ctrl-C or SIGTERM leaves, and how to continue."""
+    stopped = f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'})"
+    if args.train:
+        return f"{stopped}; no partial checkpoint was written. Continue with: {resume_command(args)}"
+    if args.sweep:
+        return (f"{stopped}; no variant was started after it. Continue with the same command: finished variants "
+                f"are skipped, the interrupted one resumes")
+    return stopped
 
 
 def _on_sigterm(signum, frame):
@@ -2243,12 +2874,6 @@ def _on_stop_signal_under_torchrun(signum, frame):
 def ignore_stop_signals() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-
-
-def resume_command(args) -> str:
-    launcher = "torchrun ... " if DIST.launched else "python "
-    return (f"{launcher}multimodal_transfer_learning.py --train --resume{' --demo' if args.demo else ''}"
-            f"{f' --env-file {args.env_file}' if args.env_file else ''}")
 
 
 def main(argv=None) -> int:
@@ -2276,13 +2901,22 @@ def main(argv=None) -> int:
             # (60x measured) as soon as anything else runs on the CPU.
             torch.set_num_threads(1)
             cfg = demo_config(cfg, DIST.from_main(make_demo_files, cfg))
-        go_offline_if_hub_unreachable(cfg)
+        if args.compare is None:  # --compare reads local files only
+            go_offline_if_hub_unreachable(cfg)
         if args.train:
             cmd_train(cfg, args)
         elif args.test:
             cmd_test(cfg, args)
-        else:
+        elif args.caption:
             code = cmd_caption(cfg, args)
+        elif args.ask is not None:
+            code = cmd_ask(cfg, args)
+        elif args.sweep:
+            code = cmd_sweep(cfg, args)
+        elif args.export:
+            cmd_export(cfg, args)
+        else:
+            cmd_compare(cfg, args)
     except UserError as e:
         log.debug("traceback", exc_info=True)
         if DIST.is_main or e.exit_code != 2:  # a configuration error is the same on every rank: said once
@@ -2290,8 +2924,7 @@ def main(argv=None) -> int:
         return e.exit_code
     except (KeyboardInterrupt, Stopped) as e:
         code = exit_code_of(e)
-        log.warning(f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'}); no partial checkpoint was written. "
-                    f"Continue with: {resume_command(args)}" if args.train else "stopped")
+        log.warning(stop_message(args, code))
         return code
     except Exception as e:
         if not lost_other_ranks(e):

@@ -1,12 +1,15 @@
 """Checkpoints: a save that fails midway (full disk, Ctrl-C, an unpicklable object) never leaves a
 truncated file nor replaces a good one, a completed save reads back whole, a checkpoint holds the
 trainable weights and the public config only and the last one of a configuration is found, and
-nothing the script loads with torch.load can run code (weights_only=True everywhere)."""
+nothing the script loads with torch.load can run code (weights_only=True everywhere); the run's
+per-epoch history beside its checkpoints keeps earlier epochs across a resume."""
 from __future__ import annotations
 
 import ast
 import errno
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +97,15 @@ def test_a_completed_save_is_complete(tmp_path):
     assert leftover_temp_files(tmp_path) == []
 
 
+def test_saved_files_follow_the_umask_like_any_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        mtl.atomic_save({"format": 1}, tmp_path / "a.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644  # readable by the group and others, as `touch` makes it
+
+
 def test_torch_load_is_always_weights_only():
     loads = []
     for node in ast.walk(ast.parse(SCRIPT.read_text())):
@@ -127,6 +139,51 @@ def test_a_checkpoint_holds_the_trainable_weights_and_public_config_and_the_last
 
 
 # ---------------------------------------------------------------------------------------------
+# The run's history ({run}.history.jsonl beside its checkpoints)
+# ---------------------------------------------------------------------------------------------
+
+def epoch_metrics(epoch: int) -> dict:
+    return {"loss": 3.0 - epoch / 10, "train_loss": 3.5 - epoch / 10, "train_seconds": 1.5, "CIDEr": epoch / 10,
+            "METEOR": None, "num_images": 4}
+
+
+def test_history_keeps_earlier_epochs_and_an_epoch_done_again_replaces_the_later_ones(config_from_env):
+    cfg = config_from_env(top_k=1)
+    images = {"train": 32, "val": 4, "test": 4}
+    for epoch in (1, 2, 3):
+        mtl.record_epoch(cfg, epoch, 10 * epoch, epoch_metrics(epoch), images)
+    path = mtl.history_path(cfg)
+    assert path.name == "clip_top1.history.jsonl" and path.parent == Path(cfg.output_dir_models)
+    first = path.read_text().splitlines()[0]
+    assert json.loads(first) == {"epoch": 1, "step": 10, "train_loss": 3.4, "train_seconds": 1.5, "val_loss": 2.9,
+                                 "images": images, "val_metrics": {"CIDEr": 0.1, "METEOR": None, "num_images": 4}}
+    # resumed from epoch 1's checkpoint after a crash: epoch 2 is trained again and epoch 3 never was
+    mtl.record_epoch(cfg, 2, 20, {**epoch_metrics(2), "loss": 1.0}, images)
+    rows = mtl.read_history(path)
+    assert [(r["epoch"], r["val_loss"]) for r in rows] == [(1, 2.9), (2, 1.0)]
+    assert path.read_text().splitlines()[0] == first
+    assert leftover_temp_files(path.parent) == []
+
+
+def test_a_broken_history_line_is_named_with_its_file_and_line(tmp_path):
+    path = tmp_path / "clip_top1.history.jsonl"
+    path.write_text('{"epoch": 1, "val_loss": 2.0}\n{"epoch": 2, "val_lo\n')
+    with pytest.raises(mtl.UserError, match=r"clip_top1.history.jsonl:2 is not a history line"):
+        mtl.read_history(path)
+
+
+def test_training_writes_one_history_line_per_epoch_that_matches_its_checkpoint(trained):
+    models = trained["A"] / "models"
+    rows = [json.loads(line) for line in (models / "clip_top1.history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        ckpt = torch.load(models / f"{r['epoch']}_clip_top1.pt", weights_only=True)
+        assert r["step"] == ckpt["step"] and r["val_loss"] == ckpt["metrics"]["loss"]
+        assert r["train_loss"] == ckpt["metrics"]["train_loss"]
+        assert r["val_metrics"]["CIDEr"] == ckpt["metrics"]["CIDEr"] and r["val_metrics"]["METEOR"] is None
+        assert r["images"] == {"train": 32, "val": 4, "test": 4}
+
+
 # TUNING=lora
 # ---------------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The commands as a user runs them (subprocesses on the tiny fixtures, W&B offline, stdin closed):
 --train then --test end to end, what --test writes, --caption on every kind of image file, every
 expected failure as one line that names the fix (a traceback only with --debug or LOG_LEVEL=DEBUG),
-Ctrl-C and SIGTERM stopping cleanly with a resume hint, and no secret in anything a run writes.
+Ctrl-C and SIGTERM stopping cleanly with a resume hint, no secret in anything a run writes, the
+zero-shot baseline (--test --untrained) and the options that go only with certain commands.
 
 To stay fast on two shared cores, runs that do not depend on each other go two at a time, and one run
 serves several checks (see `trained` in conftest.py)."""
@@ -384,6 +385,53 @@ def test_secrets_never_reach_output_logs_wandb_checkpoints_or_results(trained):
 
 
 # ---------------------------------------------------------------------------------------------
+# --test --untrained: the zero-shot baseline
+# ---------------------------------------------------------------------------------------------
+
+def test_untrained_test_writes_a_baseline_row_without_any_checkpoint(shared_env, trained):
+    root, env = shared_env
+    e = env("untrained")
+    res = run_script(["--test", "--untrained"], e)
+    assert res.returncode == 0, explain(res)
+    models = Path(e["OUTPUT_DIR_MODELS"])
+    assert not list(models.glob("*.pt"))
+    result = json.loads((models / "untrained_clip_top1.test.json").read_text())
+    assert result["untrained"] is True and result["epoch"] == 0 and result["checkpoint"] is None
+    assert result["num_test_images"] == 4 and result["metrics"]["retrieval_pool"] == 3
+    assert len((models / "untrained_clip_top1.test_captions.jsonl").read_text().splitlines()) == 4
+    trained_loss = json.loads((trained["A"] / "models" / "2_clip_top1.test.json").read_text())["metrics"]["loss"]
+    assert result["metrics"]["loss"] > trained_loss  # the same test images, before and after 2 epochs
+    with open(models / "results.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert (row["checkpoint"], row["untrained"], row["epochs"], row["top_k"]) == ("untrained_clip_top1", "yes", "0", "1")
+    assert "test results for the untrained model" in res.stdout
+
+
+def test_the_untrained_model_is_the_seeded_initialisation(config_from_env):
+    adapters = {}
+    for name, seed in (("a", 42), ("b", 42), ("c", 7)):
+        t = mtl.build_untrained(config_from_env(seed=seed))
+        adapters[name] = t.model.adapter.state_dict()
+        assert t.untrained and t.checkpoint == {"epoch": 0} and not t.model.training
+    assert all(torch.equal(adapters["a"][k], adapters["b"][k]) for k in adapters["a"])
+    assert not all(torch.equal(adapters["a"][k], adapters["c"][k]) for k in adapters["a"])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--train", "--untrained"], "--untrained goes with --test"),
+    (["--test", "--push-to-hub", "me/x"], "--push-to-hub goes with --export"),
+    (["--export", "d", "--private"], "--private goes with --push-to-hub"),
+    (["--sweep", "a.env", "--checkpoint", "x.pt"], "--checkpoint goes with"),
+    (["--ask", "what?"], "need at least one image path"),
+    (["--ask", " ", "img.png"], "--ask needs a question"),
+    (["--compare", "--resume"], "--resume goes with --train"),
+])
+def test_options_that_do_not_go_together_are_usage_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        mtl.parse_args(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
 # TUNING=lora end to end, for both encoders
 # ---------------------------------------------------------------------------------------------
 

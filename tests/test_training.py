@@ -28,6 +28,27 @@ def test_training_iterates_over_every_caption_pair(tiny_model, image_folder):
     assert sorted(map(tuple, seen)) == sorted(tuple(c) for _, c in train.pairs)
 
 
+
+def test_prompts_give_each_pair_one_of_them_reproducibly_and_the_batches_carry_them(tiny_model):
+    """PROMPTS (what --ask relies on to not overfit one prompt): one prompt drawn per training pair, a
+    function of SEED and the epoch; evaluation keeps PROMPT."""
+    cfg, _, model = tiny_model(prompts="caption : ; a picture of the shape :", batch_size=8)
+    tok = model.tokenizer
+    wanted = [tok("caption :", add_special_tokens=False)["input_ids"],
+              tok("a picture of the shape :", add_special_tokens=False)["input_ids"]]
+    assert model.train_prompt_ids == wanted and model.prompt_ids == tok("caption:", add_special_tokens=False)["input_ids"]
+    drawn = mtl.epoch_prompts(model, 200, seed=42, epoch=1)
+    assert drawn == mtl.epoch_prompts(model, 200, seed=42, epoch=1) != mtl.epoch_prompts(model, 200, seed=42, epoch=2)
+    assert 60 <= drawn.count(wanted[0]) <= 140 and drawn.count(wanted[0]) + drawn.count(wanted[1]) == 200
+    split = mtl.Split(ids=[str(i) for i in range(20)], features=torch.randn(20, 24), references=[],
+                      pairs=[(i, model.tokenize_captions(["a red circle"])[0]) for i in range(20)])
+    steps = list(mtl.optimizer_steps(model, split, cfg, epoch=1))
+    carried = [p for step in steps for _, _, prompts in step for p in prompts]
+    order = mtl.epoch_order(20, cfg.seed, 1)
+    assert carried == [mtl.epoch_prompts(model, 20, cfg.seed, 1)[i] for i in order]
+    _, _, none_model = tiny_model()
+    assert mtl.epoch_prompts(none_model, 20, 42, 1) is None
+
 def test_optimizer_steps_change_only_trainable_weights(tiny_model):
     cfg, _, model = tiny_model(top_k=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
