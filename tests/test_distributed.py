@@ -202,7 +202,7 @@ def test_two_processes_train_the_weights_one_process_trains(runs):
 # One voice
 # ---------------------------------------------------------------------------------------------
 
-def test_each_checkpoint_and_the_feature_cache_are_written_by_rank_0_only(runs):
+def test_checkpoints_history_and_feature_cache_are_written_by_rank_0_only(runs):
     _, env, folder = runs["two"]
     written = renames(env)
     assert set(written) == {"0", "1"}, written
@@ -210,6 +210,9 @@ def test_each_checkpoint_and_the_feature_cache_are_written_by_rank_0_only(runs):
     names = Counter(Path(p).name for p in written["0"])
     # epoch 1's checkpoint is written, then rewritten without the optimizer state once epoch 2's exists
     assert names["1_clip_top1.pt"] == 2 and names["2_clip_top1.pt"] == 1, names
+    assert names["clip_top1.history.jsonl"] == 2, names  # a line per epoch
+    history = [json.loads(line) for line in (folder / "models" / "clip_top1.history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2]
     assert sum(n for name, n in names.items() if name.endswith(".pt") and "clip-" in name) == 1, names  # features
     assert sorted(p.name for p in (folder / "models").glob("*.pt")) == ["1_clip_top1.pt", "2_clip_top1.pt"]
     assert leftover_temp_files(folder / "models") == []
