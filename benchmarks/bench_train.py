@@ -1,45 +1,53 @@
 #!/usr/bin/env python3
 """Speed and memory benchmark of multimodal_transfer_learning.py at the REAL model shapes.
 
-    python benchmarks/bench_train.py [--json PATH] [--batch-size 8] [--steps N] [--device auto]
-    python benchmarks/bench_train.py --estimate          # only the (analytic) GPU estimate, no measurement
+    python benchmarks/bench_train.py [--json PATH] [--check]              # CPU: plain vs eager (fp32, batch 8)
+    python benchmarks/bench_train.py --device cuda --batch-size 64 --steps 10 --warmup 3 [--liger] [--max-batch]
+    python benchmarks/bench_train.py --variants        # cost of mlp/top-3, qformer/top-3, mlp/LoRA-16
+    python benchmarks/bench_train.py --e2e             # end-to-end --train/--test, eager vs fast path
+    python benchmarks/bench_train.py --estimate        # only the analytic 24 GB GPU estimate
+    benchmarks/gpu_check.sh OUT_DIR                    # all of the GPU measurements in one run
 
-Offline and download-free: it builds Qwen3-0.6B-Base (vocab 151,936, hidden 1024, MLP 3072,
-28 layers, 16 query / 8 KV heads of 128, tied embeddings, rope_theta 1e6) and CLIP ViT-B/32's
-vision tower (hidden 768, 12 layers, 12 heads, MLP 3072, 224 px, patch 32, projection 512) from
-their configs with random weights, saves them with a small word-level tokenizer and the CLIP image
-processor, and loads them through the script's own code path (`mtl.load_config` + `mtl.build_model`),
-so what is measured is what users run. Random weights cost exactly as much compute as trained ones.
+Offline and download-free: it builds Qwen3-0.6B-Base (vocab 151,936, hidden 1024, MLP 3072, 28 layers,
+16 query / 8 KV heads of 128, tied embeddings, rope_theta 1e6) and CLIP ViT-B/32's vision tower (hidden
+768, 12 layers, 12 heads, MLP 3072, 224 px, patch 32, projection 512) from their configs with random
+weights, saves them with a small word-level tokenizer and the CLIP image processor, and loads them
+through the script's own code (`mtl.load_config` + `mtl.build_model`), so what is measured is what
+users run. Random weights cost exactly as much compute as trained ones.
 
-What is compared, at equal batch size, in one run:
-
-* training step. OURS = `mtl.train_epoch` itself on cached features (-> `Captioner.loss` ->
-  backward -> gradient clipping -> AdamW, TOP_K=3), called on a one-batch split per step. PLAIN =
-  what one writes first: the frozen encoder runs every step on pixel tensors (already decoded and
-  preprocessed, which flatters PLAIN), captions padded to a fixed MAX_CAPTION_TOKENS+1, and
+Training recipes, compared at equal batch size on the same pairs in the same order (the script's own
+`mtl.optimizer_steps` batching), each with its own AdamW, alternating step by step so that a busy
+neighbour slows all alike; warm-up steps are not timed and rates come from the median timed step:
+* eager: the script's `mtl.train_step` on cached features, COMPILE=0 (the default on CPU).
+* fast: the same step after `mtl.use_fast_path` (COMPILE=auto on CUDA): the whole decoder compiled,
+  inputs padded to a length bucket and a full batch. Its compile warm-up (one step per length bucket,
+  before timing) is reported in seconds, with the number of graphs compiled.
+* plain: what one writes first: the frozen encoder runs every step on pixel tensors (already decoded
+  and preprocessed, which flatters it), captions padded to a fixed MAX_CAPTION_TOKENS+1, and
   `lm(inputs_embeds, attention_mask, labels)` computing logits over batch x sequence x vocabulary,
-  then the same clipping and AdamW. Same model object, same pairs in the same order, one optimizer
-  each. The two alternate step by step (so a neighbour's burst on a shared machine hits both), the
-  warm-up steps are not timed, and rates are taken from the median timed step. On CPU the run
-  also records how much CPU time OTHER processes used meanwhile (/proc/stat minus this process)
-  and warns when it exceeds 10% of the machine: spin-waiting OpenMP threads crawl as soon as
-  anything else runs, so such timings say little.
-* peak memory of one training step, after a warm-up step (3 with --compile) so the AdamW state
-  exists: each variant runs in a fresh subprocess. On CUDA: allocator peak minus what was allocated
-  before the step. On CPU: the kernel's resident-set high-water mark (VmHWM) is reset by writing "5"
-  to /proc/self/clear_refs right before the step and read after it; growth = VmHWM - VmRSS at the
-  reset. The subprocess runs with MALLOC_MMAP_THRESHOLD_=65536 so glibc hands every freed tensor
-  back to the OS at once (otherwise memory freed by the warm-up step is reused silently and the
-  growth is under-counted). "step" = that growth (activations, gradients, logits, temporaries);
-  "total" = the absolute high-water mark, weights included.
-* generation: `mtl.generate_captions` (batched by EVAL_BATCH_SIZE, KV cache) against a loop that
-  calls `Captioner.generate` one image at a time, both greedy with the script's decoding defaults.
-  With random weights no caption stops early, so both generate MAX_NEW_TOKENS tokens per caption
-  (measured before training, which would teach the random LM to stop at once). A trained model
-  favours the loop somewhat: each single caption stops at its own EOS (~15 tokens on Flickr)
-  while a batch runs until its longest caption ends; the prefill (23 positions) costs both alike.
-* feature extraction: an encoding epoch (`mtl.encode_images` over N JPEGs of 500x375, Flickr's usual
-  size) against a cached epoch (`mtl.cached_features` called a second time: path + read).
+  then the same clipping and AdamW.
+* with --liger (CUDA, liger-kernel installed): eager and fast again on a second model built with LIGER=1.
+Per recipe: samples/s, useful tokens/s, useful FLOP/s and their share of the measured matmul peak,
+kernel launches per step (torch.profiler over one step: on CUDA the launch calls the CPU makes, kernels
+and CUDA graphs alike, and the kernels the GPU ran; on CPU the operators dispatched), and the CPU's
+enqueue time (until the step function returns) against the step's wall time (until the device is
+done): when the two are equal the GPU waits on Python.
+
+Memory: on CPU each recipe runs in a fresh subprocess; after a warm-up step (so the AdamW state
+exists) the kernel's resident-set high-water mark (VmHWM) is reset via /proc/self/clear_refs and read
+after one step; growth = VmHWM - VmRSS at the reset, with MALLOC_MMAP_THRESHOLD_=65536 so that glibc
+returns freed tensors at once. On CUDA the allocator is exact, so it is measured in-process: peak
+allocated during one step minus what was allocated before it. "step" = that growth (activations,
+gradients, logits, temporaries); "total" = weights + the recipe's AdamW state + step.
+--max-batch (CUDA, fast path): the largest BATCH_SIZE whose worst-case step (every caption 49 tokens)
+fits a 24 GiB card, from the allocator peak at two batch sizes and checked at the predicted size,
+with samples/s at both sizes on those worst-case batches.
+
+Generation: `mtl.generate_captions` (batched by EVAL_BATCH_SIZE, KV cache) against a loop that calls
+`Captioner.generate` one image at a time. With random weights no caption stops early, so both run
+MAX_NEW_TOKENS tokens per caption; a trained model favours the loop somewhat (a lone caption stops at
+its own EOS). Feature extraction: an encoding epoch (`mtl.encode_images` over N JPEGs of 500x375,
+Flickr's usual size) against a cached epoch (`mtl.cached_features` called a second time).
 
 Useful FLOPs of one (image, caption) pair (the formula behind "useful FLOP/s"):
 
@@ -54,22 +62,23 @@ Useful FLOPs of one (image, caption) pair (the formula behind "useful FLOP/s"):
       + 6 * N_adapter              adapter forward, weight and input gradients (negligible)
 
 Attention-score FLOPs (~4*T*q_dim per token and layer, ~1% here), norms and activations are not
-counted. Achieved useful FLOP/s = F summed over the timed pairs / time; its share is taken of the
-device's matmul peak measured in the same run (best of several fp32 2048x2048 matmul bursts on CPU,
-bf16 8192x8192 on CUDA), so a slow or busy machine lowers both.
+counted. Its share is taken of the device's matmul peak measured in the same run (best of several fp32
+2048x2048 matmul bursts on CPU, bf16 8192x8192 on CUDA), so a slow or busy machine lowers both. On CPU
+the run also records how much CPU time OTHER processes used while timing (/proc/stat minus this
+process) and warns above 10%: spin-waiting OpenMP threads crawl as soon as anything else runs.
 
-GPU estimate (printed as "estimate", never as a measurement; `--estimate` prints it alone):
-memory = frozen weights in bf16 + trainable weights, their fp32 gradients and AdamW moments
-+ saved activations (bytes per token of a frozen and of a trainable block, measured with
-saved_tensors_hooks on a 2-block model of the real widths under bf16 autocast) + ~12 bytes per
-supervised-position logit + CUDA context; the same accounting in fp32 is printed next to the CPU
-step measured in the run, as a check. Epoch time = pairs x F / (165 TFLOP/s x an assumed share).
+The 24 GB GPU estimate (printed as "estimate", never as a measurement): memory = frozen weights in
+bf16 + trainable weights, their fp32 gradients and AdamW moments + saved activations (bytes per token
+of a frozen and of a trainable block, measured with saved_tensors_hooks on a 2-block model of the real
+widths under bf16 autocast) + ~12 bytes per supervised-position logit + CUDA context. Epoch time =
+pairs x F / (165 TFLOP/s x an assumed share).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -82,7 +91,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -127,27 +138,28 @@ def flickr_captions(n: int, seed: int) -> list[str]:
 
 # ---- assets: models and images on disk ---------------------------------------------------------
 
+def bench_tokenizer():
+    """A word-level tokenizer over Qwen's full vocabulary size: every id the LM can emit decodes to one word."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<|endoftext|>": 0, "<unk>": 1}
+    for w in WORDS + PROMPT_WORDS + ["."]:
+        vocab.setdefault(w, len(vocab))
+    vocab.update({f"w{i}": i for i in range(len(vocab), QWEN3_0_6B["vocab_size"])})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "image:" -> "image", ":"
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+
+
 def build_assets(root: Path, num_images: int, seed: int) -> dict[str, Path]:
     """Real-shape random Qwen3 + CLIP saved like hub checkpoints, and a Flickr-like image folder."""
-    from PIL import Image, ImageDraw, ImageFilter
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, Qwen3Config, \
-        Qwen3ForCausalLM
-    lm_dir, clip_dir, images = root / "qwen3-0.6b-random", root / "clip-vit-b32-random", root / "images"
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Qwen3Config, Qwen3ForCausalLM
+    lm_dir, clip_dir = root / "qwen3-0.6b-random", root / "clip-vit-b32-random"
     torch.manual_seed(seed)
     if not (lm_dir / "config.json").is_file():
-        vocab = {"<|endoftext|>": 0, "<unk>": 1}
-        for w in WORDS + PROMPT_WORDS + ["."]:
-            vocab.setdefault(w, len(vocab))
-        # fill the rest so that every id the LM can emit decodes to one word, as with Qwen's own vocabulary
-        vocab.update({f"w{i}": i for i in range(len(vocab), QWEN3_0_6B["vocab_size"])})
-        assert max(vocab.values()) < QWEN3_0_6B["vocab_size"]
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        tok.normalizer = normalizers.Lowercase()
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "image:" -> "image", ":"
-        tok.decoder = decoders.WordPiece(prefix="##")
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
-        fast.save_pretrained(lm_dir)
+        bench_tokenizer().save_pretrained(lm_dir)
         cfg = Qwen3Config(**QWEN3_0_6B, eos_token_id=0, bos_token_id=None, pad_token_id=None)
         Qwen3ForCausalLM(cfg).save_pretrained(lm_dir)
     if not (clip_dir / "config.json").is_file():
@@ -157,42 +169,57 @@ def build_assets(root: Path, num_images: int, seed: int) -> dict[str, Path]:
         CLIPModel(CLIPConfig(text_config=text, vision_config=CLIP_B32_VISION,
                              projection_dim=CLIP_PROJECTION)).save_pretrained(clip_dir)
         CLIPImageProcessor().save_pretrained(clip_dir)  # the real CLIP preprocessing: 224 crop, CLIP mean/std
-    if not (images / "metadata.jsonl").is_file():
-        rnd = random.Random(seed)
-        (images / "img").mkdir(parents=True, exist_ok=True)
-        captions = flickr_captions(num_images * FLICKR_CAPTIONS_PER_IMAGE, seed)
-        rows = []
-        for i in range(num_images):  # photo-like: a gradient, a few shapes, a little noise, JPEG q=90
-            image = Image.linear_gradient("L").resize((500, 375)).convert("RGB")
-            image = Image.blend(image, Image.new("RGB", image.size, tuple(rnd.randrange(256) for _ in range(3))), 0.6)
-            d = ImageDraw.Draw(image)
-            for _ in range(12):
-                x, y = rnd.randrange(500), rnd.randrange(375)
-                box = (x, y, x + rnd.randrange(20, 200), y + rnd.randrange(20, 150))
-                colour = tuple(rnd.randrange(256) for _ in range(3))
-                (d.ellipse if rnd.random() < 0.5 else d.rectangle)(box, fill=colour)
-            image = Image.blend(image.filter(ImageFilter.GaussianBlur(2)),
-                                Image.effect_noise((500, 375), 40).convert("RGB"), 0.15)
-            name = f"img/{i:05d}.jpg"
-            image.save(images / name, quality=90)
-            rows.append({"file_name": name, "captions": captions[i * 5: i * 5 + 5]})
-        (images / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"lm": lm_dir, "clip": clip_dir, "images": images}
+    return {"lm": lm_dir, "clip": clip_dir, "images": build_images(root / "images", num_images, seed)}
 
 
-def bench_env(assets: dict, root: Path, args) -> dict[str, str]:
+def build_images(folder: Path, num_images: int, seed: int) -> Path:
+    """A Flickr-like image folder: photo-like 500x375 JPEGs with five Flickr-like captions each."""
+    from PIL import Image, ImageDraw, ImageFilter
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    rnd = random.Random(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    captions = flickr_captions(num_images * FLICKR_CAPTIONS_PER_IMAGE, seed)
+    rows = []
+    for i in range(num_images):  # photo-like: a gradient, a few shapes, a little noise, JPEG q=90
+        image = Image.linear_gradient("L").resize((500, 375)).convert("RGB")
+        image = Image.blend(image, Image.new("RGB", image.size, tuple(rnd.randrange(256) for _ in range(3))), 0.6)
+        d = ImageDraw.Draw(image)
+        for _ in range(12):
+            x, y = rnd.randrange(500), rnd.randrange(375)
+            box = (x, y, x + rnd.randrange(20, 200), y + rnd.randrange(20, 150))
+            colour = tuple(rnd.randrange(256) for _ in range(3))
+            (d.ellipse if rnd.random() < 0.5 else d.rectangle)(box, fill=colour)
+        image = Image.blend(image.filter(ImageFilter.GaussianBlur(2)),
+                            Image.effect_noise((500, 375), 40).convert("RGB"), 0.15)
+        name = f"img/{i:05d}.jpg"
+        image.save(folder / name, quality=90)
+        rows.append({"file_name": name, "captions": captions[i * 5: i * 5 + 5]})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def bench_env(assets: dict, root: Path, args, **overrides) -> dict[str, str]:
     env = {"LM_MODEL": str(assets["lm"]), "VISION_MODEL": str(assets["clip"]), "VISION_ENCODER": "clip",
            "DATASET": str(assets["images"]), "TOP_K": str(args.top_k), "BATCH_SIZE": str(args.batch_size),
            "EVAL_BATCH_SIZE": str(args.eval_batch_size), "DEVICE": args.device, "DTYPE": "auto", "EPOCHS": "1",
            "CACHE_DIR": str(root / "cache"), "OUTPUT_DIR_MODELS": str(root / "models"), "WANDB_MODE": "disabled",
-           "LOG_EVERY": "1000000", "NUM_WORKERS": str(args.num_workers), "COMPILE": "1" if args.compile else "0",
-           "SEED": "42"}
+           "LOG_EVERY": "1000000", "NUM_WORKERS": str(args.num_workers), "COMPILE": "0", "SEED": "42"}
     if args.max_new_tokens:
         env["MAX_NEW_TOKENS"] = str(args.max_new_tokens)
-    return env
+    return {**env, **{k.upper(): str(v) for k, v in overrides.items()}}
 
 
-# ---- measurement helpers -----------------------------------------------------------------------
+def load_bench(assets: dict, root: Path, args, **overrides):
+    """(cfg, encoder, model, train split) built by the script's own code, features cached."""
+    cfg = mtl.load_config(bench_env(assets, root, args, **overrides))
+    device, dtype = mtl.resolve_device(cfg)
+    encoder, model = mtl.build_model(cfg, device, dtype)
+    records, store, _ = mtl.load_records(cfg)
+    feats, _ = mtl.cached_features(cfg, encoder, records, store)
+    split = mtl.make_split([r.image_id for r in records], feats, {r.image_id: r for r in records}, model)
+    return cfg, encoder, model, split
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -243,11 +270,14 @@ def run_timed(device: torch.device, fn):
     return out, wall, others_share(b, busy_seconds(), wall)
 
 
-class _NoRun:
-    """train_epoch logs to a W&B run; the benchmark has none."""
+def proc_status() -> dict[str, int]:
+    text = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
 
-    def log(self, *a, **k):
-        pass
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 def lm_shape(model) -> dict:
@@ -267,133 +297,383 @@ def useful_flops(shape: dict, caption_len: int, top_k: int) -> float:
     return blocks + head + 6 * shape["adapter_params"]
 
 
-def pair_batches(split: "mtl.Split", batch_size: int, seed: int):
-    """The batches train_epoch will form in epoch 1: [(rows, caption ids)]."""
-    order = mtl.epoch_order(len(split.pairs), seed, 1)
-    out = []
-    for start in range(0, len(order), batch_size):
-        chosen = [split.pairs[i] for i in order[start: start + batch_size]]
-        out.append(([r for r, _ in chosen], [c for _, c in chosen]))
-    return out
-
-
 def train_split(split: "mtl.Split", num_pairs: int) -> "mtl.Split":
     """The first num_pairs pairs of a split (cycled if the split is smaller)."""
     pairs = [split.pairs[i % len(split.pairs)] for i in range(num_pairs)]
     return mtl.Split(split.ids, split.features, split.references, pairs)
 
 
-def ours_step(model, cfg, opt, split, rows: list[int], caps: list[list[int]], step: int) -> None:
-    """One optimizer step of OUR recipe, run by mtl.train_epoch itself on a one-batch split."""
-    one = mtl.Split(split.ids, split.features, split.references, list(zip(rows, caps)))
-    # many nominal epochs, or the schedule of a one-step "epoch" would set the learning rate to 0 (same compute)
-    run_cfg = dataclasses.replace(cfg, batch_size=len(caps), epochs=1000)
-    mtl.train_epoch(model, opt, one, run_cfg, 1, {"step": step}, _NoRun())
+# ---- training recipes ---------------------------------------------------------------------------
+
+@dataclass
+class Recipe:
+    """One way to run a training step on the shared model: its decoder (eager or compiled), its input
+    shapes, its own AdamW, and whether it eats pixels (plain) or cached features."""
+    name: str
+    model: "mtl.Captioner"
+    decode: Callable
+    fixed_shapes: bool
+    opt: torch.optim.Optimizer
+    step: Callable[[list], None]
+    pixels: bool = False
+    warmup_seconds: float = 0.0
+    graphs: int = 0
 
 
-def plain_step(model, encoder, opt, params, pixels, caps, max_len: int, grad_clip: float) -> float:
+@contextlib.contextmanager
+def recipe_mode(recipe: Recipe):
+    m = recipe.model
+    saved = m.decode, m.fixed_shapes
+    m.decode, m.fixed_shapes = recipe.decode, recipe.fixed_shapes
+    try:
+        yield
+    finally:
+        m.decode, m.fixed_shapes = saved
+
+
+def plain_step(model, encoder, opt, micro_batches: list, max_len: int, grad_clip: float) -> None:
     """The first recipe one writes: encode pixels every step, fixed padding, full-vocabulary logits."""
-    with model.autocast():
-        embeds, mask, labels = model.build_inputs(encoder(pixels), caps, pad_to=max_len)
-        out = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-    out.loss.backward()
+    for pixels, caps, prompts in micro_batches:
+        with model.autocast():
+            embeds, mask, labels = model.build_inputs(encoder(pixels), caps, prompts, pad_to=max_len)
+            loss = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        (loss / len(micro_batches)).backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out.loss.item()
 
 
-def time_training(model, encoder, cfg, split, batches, pixels, warmup: int, steps: int, device, say):
-    """Alternate OUR step and the PLAIN step on the same batches, so that a busy machine slows both
-    alike. Returns the timed (post-warm-up) step durations of each and the best matmul peak seen
-    between steps (the peak is re-measured throughout for the same reason)."""
-    opt_ours, opt_plain = mtl.make_optimizer(model, cfg), mtl.make_optimizer(model, cfg)
-    params = [p for g in opt_plain.param_groups for p in g["params"]]
-    ours, plain, peak, share = [], [], 0.0, {"ours": [], "plain": []}
-    for i, (rows, caps) in enumerate(batches[: warmup + steps]):
-        peak = max(peak, matmul_peak(device, bursts=2))
-        _, t_ours, o_ours = run_timed(device, lambda: ours_step(model, cfg, opt_ours, split, rows, caps, i))
-        model.train()
-        max_len = cfg.max_caption_tokens + 1
-        _, t_plain, o_plain = run_timed(device, lambda: plain_step(model, encoder, opt_plain, params, pixels[rows],
-                                                                   caps, max_len, cfg.grad_clip))
-        say(f"  step {i + 1}/{warmup + steps}{' (warm-up)' if i < warmup else ''}: ours {t_ours:.2f} s, "
-            f"plain {t_plain:.2f} s; load average {os.getloadavg()[0]:.1f}")
-        if i >= warmup:
-            ours.append(t_ours)
-            plain.append(t_plain)
-            share["ours"].append(o_ours)
-            share["plain"].append(o_plain)
-    del opt_ours, opt_plain
-    return ours, plain, peak, share
+def make_recipe(name: str, model, encoder, cfg) -> Recipe | None:
+    """plain, eager or fast (None if the fast path fell back to eager: compiling failed)."""
+    opt = mtl.make_optimizer(model, cfg)
+    if name == "plain":
+        return Recipe(name, model, model.decode_eager, False, opt, pixels=True,
+                      step=lambda mb: plain_step(model, encoder, opt, mb, cfg.max_caption_tokens + 1, cfg.grad_clip))
+    step = lambda mb: mtl.train_step(model, opt, mb, cfg.grad_clip)  # noqa: E731
+    if name.startswith("eager"):
+        return Recipe(name, model, model.decode_eager, False, opt, step)
+    t, graphs = time.perf_counter(), graphs_compiled()
+    mtl.use_fast_path(model, training=True)  # compiles and runs its first training graph
+    compiled = model.decode
+    model.decode, model.fixed_shapes = model.decode_eager, False
+    if compiled == model.decode_eager:
+        return None
+    recipe = Recipe(name, model, compiled, True, opt, step)
+    warm_fast_path(recipe, cfg)
+    recipe.warmup_seconds, recipe.graphs = time.perf_counter() - t, graphs_compiled() - graphs
+    return recipe
 
 
-def proc_status() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+def warm_fast_path(recipe: Recipe, cfg) -> None:
+    """Compile the training graph of every length bucket now, so that no timed step compiles."""
+    m = recipe.model
+    feats = m.to_device(torch.zeros(cfg.batch_size, *m.feature_shape))
+    for bucket in m.length_buckets:
+        n = max(1, bucket - len(m.prompt_ids))
+        caps = [[m.tokenizer.eos_token_id] * n] * cfg.batch_size
+        with recipe_mode(recipe):
+            recipe.step([(feats, caps, None)])
 
 
-# ---- the memory worker (a fresh subprocess per variant) ----------------------------------------
+def pixel_split(split: "mtl.Split", encoder, store, by_id) -> "mtl.Split":
+    """The split with preprocessed pixels in place of features: what the plain recipe eats."""
+    pixels = torch.stack([encoder.preprocess(store.open(by_id[i].ref)) for i in split.ids])
+    return mtl.Split(split.ids, pixels, split.references, split.pairs)
+
+
+def step_batches(model, split, cfg, n: int) -> list[list]:
+    """The first n optimizer steps of epoch 1, as the script forms them."""
+    return list(itertools.islice(mtl.optimizer_steps(model, split, cfg, 1), n))
+
+
+def timed_step(recipe: Recipe, micro_batches: list, device) -> tuple[float, float, float | None]:
+    """(CPU enqueue seconds, wall seconds, share of the CPUs other processes used) of one step."""
+    sync(device)
+    before, t = busy_seconds(), time.perf_counter()
+    with recipe_mode(recipe):
+        recipe.step(micro_batches)
+        enqueue = time.perf_counter() - t
+        sync(device)
+    wall = time.perf_counter() - t
+    return enqueue, wall, others_share(before, busy_seconds(), wall)
+
+
+LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaLaunchCooperativeKernel", "cudaGraphLaunch", "cuGraphLaunch"}
+
+
+def launch_profile(recipe: Recipe, micro_batches: list, device) -> dict:
+    """Kernel launches of one step (CUDA), or operators dispatched (CPU), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with recipe_mode(recipe), profile(activities=activities) as prof:
+        recipe.step(micro_batches)
+        sync(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return {"launches": sum(e.name in LAUNCH_CALLS for e in events),
+                "kernels": sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events),
+                "what": "CUDA launch calls made by the CPU (kernels and CUDA graphs) in one step"}
+    return {"launches": sum(e.name.startswith("aten::") for e in events),
+            "what": "aten operators dispatched in one step (CPU: no kernel launches)"}
+
+
+def optimizer_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def cuda_step_bytes(recipe: Recipe, micro_batches: list, device) -> int:
+    """Allocator peak during one step minus what was allocated before it (CUDA: exact, in-process)."""
+    gc.collect()
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with recipe_mode(recipe):
+        recipe.step(micro_batches)
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+# ---- the memory worker (CPU: a fresh subprocess per recipe) ---------------------------------------
 
 def memory_worker(args) -> dict:
-    """Build the model, run a warm-up step, then measure one step's peak. Prints JSON."""
-    root = Path(args.workdir)
-    cfg = mtl.load_config(bench_env(json.loads(args._assets), root, args))
-    device, dtype = mtl.resolve_device(cfg)
-    encoder, model = mtl.build_model(cfg, device, dtype)
-    records, store, _ = mtl.load_records(cfg)
-    feats, _ = mtl.cached_features(cfg, encoder, records, store)
-    split = mtl.make_split([r.image_id for r in records], feats, {r.image_id: r for r in records}, model)
-    warm = 3 if cfg.compile else 1  # compiled blocks recompile once for dynamic shapes
-    batches = pair_batches(train_split(split, (warm + 1) * cfg.batch_size), cfg.batch_size, cfg.seed)
-    opt = mtl.make_optimizer(model, cfg)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    if args._worker == "plain":
-        by_id = {r.image_id: r for r in records}
-        pixels = torch.stack([encoder.preprocess(store.open(by_id[i].ref)) for i in split.ids])
-
-        def step(rows, caps):
-            plain_step(model, encoder, opt, params, pixels[rows], caps, cfg.max_caption_tokens + 1, cfg.grad_clip)
-    else:
-        def step(rows, caps):
-            ours_step(model, cfg, opt, split, rows, caps, 0)
+    """Build the model, run a warm-up step, then measure one step's resident-set growth. Prints JSON."""
+    root, assets = Path(args.workdir), json.loads(args._assets)
+    cfg, encoder, model, split = load_bench(assets, root, args, **json.loads(args._overrides or "{}"))
+    recipe = make_recipe(args._worker, model, encoder, cfg)
+    train = train_split(split, 2 * cfg.batch_size * cfg.grad_accum)
+    if recipe.pixels:
+        records, store, _ = mtl.load_records(cfg)
+        train = pixel_split(train, encoder, store, {r.image_id: r for r in records})
+    warm, measured = step_batches(model, train, cfg, 2)
     model.train()
-    for b in batches[:warm]:  # warm-up: creates the AdamW state and the one-off buffers
-        step(*b)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step(*batches[warm])
-        torch.cuda.synchronize(device)
-        total = torch.cuda.max_memory_allocated(device)
-        how = "CUDA allocator: max_memory_allocated - memory_allocated before the step"
-    else:
+    with recipe_mode(recipe):
+        recipe.step(warm)  # creates the AdamW state and the one-off buffers
+        gc.collect()
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         base = proc_status()["VmRSS"]
-        step(*batches[warm])
+        recipe.step(measured)
         total = proc_status()["VmHWM"]
-        how = "CPU: VmHWM after resetting it via /proc/self/clear_refs, minus VmRSS at the reset"
-    tokens = sum(len(c) for c in batches[warm][1])
-    max_len = cfg.max_caption_tokens + 1 if args._worker == "plain" else max(len(c) for c in batches[warm][1])
-    return {"step_bytes": total - base, "total_bytes": total, "before_bytes": base, "method": how,
-            "caption_tokens": tokens, "padded_caption_len": max_len, "batch": len(batches[warm][1])}
+    caps = [c for _, cs, _ in measured for c in cs]
+    return {"step_bytes": total - base, "total_bytes": total, "before_bytes": base,
+            "method": "CPU: VmHWM after resetting it via /proc/self/clear_refs, minus VmRSS at the reset",
+            "caption_tokens": sum(map(len, caps)), "batch": len(caps),
+            "padded_caption_len": cfg.max_caption_tokens + 1 if recipe.pixels else max(map(len, caps))}
 
 
-def run_memory_worker(variant: str, args, assets: dict, root: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--_assets",
-           json.dumps({k: str(v) for k, v in assets.items()}), "--workdir", str(root),
-           "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
-           "--device", args.device, "--top-k", str(args.top_k), "--num-workers", str(args.num_workers)]
-    if args.compile:
-        cmd.append("--compile")
+def run_memory_worker(recipe: str, args, assets: dict, root: Path, overrides: dict | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", recipe, "--_assets",
+           json.dumps({k: str(v) for k, v in assets.items()}), "--_overrides", json.dumps(overrides or {}),
+           "--workdir", str(root), "--batch-size", str(args.batch_size), "--eval-batch-size",
+           str(args.eval_batch_size), "--device", args.device, "--top-k", str(args.top_k),
+           "--num-workers", str(args.num_workers)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory worker {variant} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"memory worker {recipe} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- the measurements, one function per section of the report ------------------------------------
+
+def measure_features(cfg, encoder, device, say) -> dict:
+    """An encoding epoch against a cached one."""
+    records, store, _ = mtl.load_records(cfg)
+    shutil.rmtree(Path(cfg.cache_dir) / "features", ignore_errors=True)  # a kept --workdir starts uncached too
+    say(f"encoding epoch over {len(records)} JPEGs")
+    _, encode_s, _ = run_timed(device, lambda: mtl.encode_images(records, store, encoder, cfg))
+    _, first_s, _ = run_timed(device, lambda: mtl.cached_features(cfg, encoder, records, store))  # encode + write
+    _, cached_s, _ = run_timed(device, lambda: mtl.cached_features(cfg, encoder, records, store))  # read
+    return {"images": len(records), "encode_seconds": encode_s, "first_call_seconds": first_s,
+            "cached_seconds": cached_s, "encode_images_per_s": len(records) / encode_s,
+            "cached_images_per_s": len(records) / cached_s}
+
+
+def measure_generation(model, cfg, split, args, device, say) -> dict:
+    """Batched generation against one image at a time, before any training (the random LM never emits
+    EOS, so every caption runs to MAX_NEW_TOKENS; a few training steps teach it to stop almost at once)."""
+    decoding = mtl.decoding_kwargs(cfg)
+    n_gen, n_loop = min(args.gen_images, len(split.ids)), min(args.loop_images, len(split.ids))
+    say(f"generation: {n_gen} captions in batches of {cfg.eval_batch_size}, {n_loop} one at a time")
+    model.eval()
+    mtl.generate_captions(model, split.features[:1], cfg)  # warm-up
+
+    def one_at_a_time():
+        with torch.no_grad():
+            return [model.generate(split.features[i: i + 1], decoding) for i in range(n_loop)]
+
+    batched, batched_s, batched_share = run_timed(device, lambda: mtl.generate_captions(model, split.features[:n_gen], cfg))
+    loop, loop_s, loop_share = run_timed(device, one_at_a_time)
+    return {"batched_captions": n_gen, "eval_batch_size": cfg.eval_batch_size, "batched_seconds": batched_s,
+            "batched_captions_per_s": n_gen / batched_s, "loop_captions": n_loop, "loop_seconds": loop_s,
+            "loop_captions_per_s": n_loop / loop_s, "max_new_tokens": cfg.max_new_tokens,
+            "others_cpu_share": {"batched": batched_share, "loop": loop_share},
+            "mean_generated_words_batched": sum(len(c.split()) for c in batched) / max(1, n_gen),
+            "mean_generated_words_loop": sum(len(c[0].split()) for c in loop) / max(1, n_loop)}
+
+
+def measure_training(recipes: list[Recipe], steps: dict[bool, list], shape, cfg, args, device, say) -> dict:
+    """Alternate the recipes step by step on the same batches; rates from the median timed step."""
+    times = {r.name: [] for r in recipes}
+    peak = 0.0
+    for i in range(args.warmup + args.steps):
+        peak = max(peak, matmul_peak(device, bursts=2))  # re-measured throughout: a busy machine lowers both
+        line = []
+        for r in recipes:
+            enqueue, wall, others = timed_step(r, steps[r.pixels][i], device)
+            if i >= args.warmup:
+                times[r.name].append((enqueue, wall, others))
+            line.append(f"{r.name} {wall:.3f} s")
+        say(f"  step {i + 1}/{args.warmup + args.steps}{' (warm-up)' if i < args.warmup else ''}: "
+            f"{', '.join(line)}; load average {os.getloadavg()[0]:.1f}")
+    peak = max(peak, matmul_peak(device))
+    timed = steps[False][args.warmup:]
+    caps = [[c for _, cs, _ in mb for c in cs] for mb in timed]
+    out = {"matmul_peak_flops": peak, "matmul_peak_kind": PEAK_LABEL.get(device.type, "matmul"),
+           "useful_flops_per_step": sum(useful_flops(shape, len(c), cfg.top_k) for cs in caps for c in cs) / len(caps),
+           "mean_caption_tokens": sum(len(c) for cs in caps for c in cs) / sum(map(len, caps)), "recipes": {}}
+    for r in recipes:
+        per_step = [(len(cs), sum(map(len, cs)), sum(useful_flops(shape, len(c), cfg.top_k) for c in cs), w)
+                    for cs, (_, w, _) in zip(caps, times[r.name])]
+        med = lambda k: statistics.median(x[k] / x[3] for x in per_step)  # noqa: E731
+        enqueue = statistics.median(e for e, _, _ in times[r.name])
+        wall = statistics.median(w for _, w, _ in times[r.name])
+        say(f"profiling one {r.name} step")
+        out["recipes"][r.name] = {
+            "step_seconds": [w for _, w, _ in times[r.name]], "samples_per_s": med(0), "useful_tokens_per_s": med(1),
+            "useful_flops_per_s": med(2), "useful_flops_share_of_peak": med(2) / peak,
+            "cpu_enqueue_seconds": enqueue, "wall_seconds": wall, "enqueue_share_of_wall": enqueue / wall,
+            "others_cpu_share": [o for _, _, o in times[r.name]], "compile_warmup_seconds": r.warmup_seconds,
+            "graphs_compiled": r.graphs, **launch_profile(r, steps[r.pixels][-1], device)}
+    prefix = shape["visual_tokens"] + shape["prompt_tokens"]
+    useful = sum(prefix + len(c) - 1 for cs in caps for c in cs)
+    out["useful_position_share"] = useful / sum(len(cs) * (prefix + max(map(len, cs))) for cs in caps)
+    out["plain_useful_position_share"] = useful / (sum(map(len, caps)) * (prefix + cfg.max_caption_tokens + 1))
+    return out
+
+
+def measure_memory(recipes: list[Recipe], steps, args, assets, root, device, say) -> dict:
+    out = {}
+    for r in recipes:
+        if device.type == "cuda":
+            step = cuda_step_bytes(r, steps[r.pixels][-1], device)
+            weights = sum(p.numel() * p.element_size() for p in r.model.parameters())
+            out[r.name] = {"step_bytes": step, "total_bytes": weights + optimizer_bytes(r.opt) + step,
+                           "method": "CUDA allocator: max_memory_allocated - memory_allocated before the step; "
+                                     "total = LM+adapter weights + the recipe's AdamW state + step"}
+        elif not r.name.endswith("liger"):
+            say(f"memory: one {r.name} step in a fresh subprocess")
+            out[r.name] = run_memory_worker(r.name, args, assets, root)
+    return out
+
+
+FITS_24GB = 22.5 * 2**30  # allocator bytes that fit a 24 GiB card: 1.5 GiB left for the CUDA context and workspaces
+
+
+def measure_max_batch(recipe: Recipe, cfg, say) -> dict:
+    """CUDA, fast path: peak allocated of a worst-case step (every caption MAX_CAPTION_TOKENS + EOS) at two
+    batch sizes, the largest batch a 24 GiB card holds by linear extrapolation, checked by running it."""
+    m, device = recipe.model, recipe.model.device
+    worst = [m.tokenizer.eos_token_id] * (cfg.max_caption_tokens + 1)
+
+    def run(batch: int) -> tuple[int, float]:
+        m.rows_per_batch[True] = batch
+        micro = [(m.to_device(torch.zeros(batch, *m.feature_shape)), [worst] * batch, None)]
+        with recipe_mode(recipe):
+            recipe.step(micro)  # compiles this shape
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            t = time.perf_counter()
+            for _ in range(3):
+                recipe.step(micro)
+            sync(device)
+        return torch.cuda.max_memory_allocated(device), 3 * batch / (time.perf_counter() - t)
+
+    probes = {}
+    for batch in (cfg.batch_size, 2 * cfg.batch_size):
+        say(f"max batch: worst-case step at batch {batch}")
+        probes[batch] = run(batch)
+    (b1, (p1, _)), (b2, (p2, _)) = sorted(probes.items())
+    per_row = (p2 - p1) / (b2 - b1)
+    predicted = int((FITS_24GB - (p1 - per_row * b1)) / per_row) // 8 * 8
+    if predicted > b2:
+        say(f"max batch: checking the predicted {predicted}")
+        probes[predicted] = run(predicted)
+    m.rows_per_batch[True] = cfg.batch_size
+    fitting = [b for b, (peak, _) in probes.items() if peak <= FITS_24GB]
+    largest = max(fitting, default=None)
+    return {"budget_bytes": FITS_24GB, "bytes_per_row": per_row, "predicted_max_batch": predicted,
+            "probes": {b: {"peak_bytes": p, "samples_per_s": s} for b, (p, s) in sorted(probes.items())},
+            "largest_fitting_batch": largest,
+            "samples_per_s_gain": probes[largest][1] / probes[cfg.batch_size][1] if largest else None}
+
+
+VARIANTS = {"mlp/top-3": {"ADAPTER": "mlp", "TUNING": "topk", "TOP_K": 3},
+            "qformer/top-3": {"ADAPTER": "qformer", "TUNING": "topk", "TOP_K": 3},
+            "mlp/LoRA-16": {"ADAPTER": "mlp", "TUNING": "lora", "LORA_RANK": 16}}
+
+
+def measure_variants(assets, root, args, say) -> dict:
+    """Trainable parameters, eager step time and step memory of each bridge/tuning variant."""
+    out = {}
+    for name, overrides in VARIANTS.items():
+        say(f"variant {name}: building")
+        cfg, encoder, model, split = load_bench(assets, root, args, **overrides)
+        device = model.device
+        recipe = make_recipe("eager", model, encoder, cfg)
+        n = args.warmup + args.steps
+        steps = step_batches(model, train_split(split, n * cfg.batch_size * cfg.grad_accum), cfg, n)
+        model.train()
+        walls = [timed_step(recipe, mb, device)[1] for mb in steps][args.warmup:]
+        adapter = sum(p.numel() for p in model.adapter.parameters())
+        lm = sum(p.numel() for p in model.lm.parameters() if p.requires_grad)
+        memory = (cuda_step_bytes(recipe, steps[-1], device) if device.type == "cuda"
+                  else run_memory_worker("eager", args, assets, root, overrides)["step_bytes"])
+        out[name] = {"trainable_adapter": adapter, "trainable_lm": lm, "trainable": adapter + lm,
+                     "step_seconds": statistics.median(walls), "samples_per_s": cfg.batch_size / statistics.median(walls),
+                     "step_bytes": memory}
+        say(f"variant {name}: {adapter + lm:,} trainable, {statistics.median(walls):.3f} s per step, "
+            f"{gb(memory)} step memory")
+        del cfg, encoder, model, split, recipe, steps
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def run_e2e(assets, root, args, say) -> dict:
+    """The script itself, end to end at the real shapes: --train (2 epochs) and --test, eager (COMPILE=0)
+    against the fast path (COMPILE=1), on a Flickr-like image folder; logs beside the JSON."""
+    images = build_images(root / f"e2e-images-{args.e2e_images}", args.e2e_images, seed=1)
+    logs = Path(args.out or root) / "e2e"
+    out = {}
+    for mode, compile_ in (("eager", "0"), ("fast", "1")):
+        env = {**os.environ, **bench_env(assets, root, args, DATASET=images, EPOCHS=2, COMPILE=compile_,
+                                         OUTPUT_DIR_MODELS=root / "e2e" / mode, VAL_CAPTION_IMAGES=50,
+                                         TEST_CAPTION_IMAGES=50, RETRIEVAL_POOL=20, LOG_EVERY=50),
+               "HF_HUB_OFFLINE": "1"}
+        result = {}
+        for job in ("--train", "--test"):
+            say(f"e2e {mode}: {job}")
+            log_path = logs / f"{mode}{job.replace('--', '_')}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            with open(log_path, "w") as log:
+                code = subprocess.run([sys.executable, str(ROOT / "multimodal_transfer_learning.py"), job], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT).returncode
+            result[f"{job[2:]}_seconds"], result[f"{job[2:]}_exit"] = time.perf_counter() - t, code
+        folder = root / "e2e" / mode
+        epochs = sorted(folder.glob("*_clip_top*.pt"), key=lambda p: int(p.name.split("_")[0]))
+        result["epoch_train_seconds"] = [torch.load(p, weights_only=True)["metrics"].get("train_seconds")
+                                         for p in epochs]
+        tests = list(folder.glob("*.test.json"))
+        result["test_metrics"] = json.loads(tests[0].read_text())["metrics"] if tests else None
+        out[mode] = result
+    e, f = out["eager"]["epoch_train_seconds"], out["fast"]["epoch_train_seconds"]
+    if len(e) == len(f) == 2 and None not in e + f:
+        out["epoch2_speedup"] = e[1] / f[1]
+    return out
 
 
 # ---- memory accounting (the GPU estimate; checked against the CPU measurement) -----------------
@@ -476,245 +756,6 @@ def gpu_estimate(profile: dict, shape: dict, top_k: int, batch: int, trainable: 
     return out
 
 
-# ---- the main run ------------------------------------------------------------------------------
-
-def gb(x: float) -> str:
-    return f"{x / 1e9:.2f} GB"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
-    p.add_argument("--batch-size", type=int, default=8, help="training batch size of both recipes (default 8)")
-    p.add_argument("--steps", type=int, default=4, help="timed training steps per recipe (default 4)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per recipe (default 1)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    p.add_argument("--top-k", type=int, default=3, help="unfrozen top blocks (default 3)")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="batched generation's batch (default 64)")
-    p.add_argument("--gen-images", type=int, default=64, help="captions generated in batches (default 64)")
-    p.add_argument("--loop-images", type=int, default=4, help="captions generated one at a time (default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="generation length; 0 = the script's default")
-    p.add_argument("--images", type=int, default=64, help="JPEGs in the encoding epoch (default 64)")
-    p.add_argument("--num-workers", type=int, default=2, help="NUM_WORKERS of the encoding epoch (default 2)")
-    p.add_argument("--compile", action="store_true", help="COMPILE=1 (CUDA)")
-    p.add_argument("--workdir", help="keep models and images here (default: a temporary folder, deleted)")
-    p.add_argument("--estimate", action="store_true", help="print only the analytic GPU estimate")
-    p.add_argument("--utilisation", type=float, default=0.35,
-                   help="GPU estimate: assumed useful FLOP/s as a share of the bf16 peak (default 0.35)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
-    p.add_argument("--_assets", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    mtl.setup_logging("WARNING")
-    if args.compile:
-        args.warmup = max(args.warmup, 3)  # compiled blocks recompile once for dynamic shapes
-    if args._worker:
-        print(json.dumps(memory_worker(args)))
-        return 0
-    if args.estimate:
-        device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-        print_estimate(args, device, *config_shapes(args.top_k))
-        return 0
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the temporary folder is still removed
-    wall0 = time.perf_counter()
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_train_"))
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        result = run_benchmark(args, root)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
-    result["wall_seconds"] = time.perf_counter() - wall0
-    print(f"\nwall time of the benchmark: {result['wall_seconds']:.0f} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
-    return 0
-
-
-def run_benchmark(args, root: Path) -> dict:
-    say = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    say(f"building real-shape random models and {args.images} JPEGs in {root}")
-    t = time.perf_counter()
-    assets = build_assets(root, args.images, seed=0)
-    build_s = time.perf_counter() - t
-    cfg = mtl.load_config(bench_env(assets, root, args))
-    device, dtype = mtl.resolve_device(cfg)
-    encoder, model = mtl.build_model(cfg, device, dtype)
-    shape = lm_shape(model)
-    total_params, trainable = mtl.count_parameters(model)
-    encoder_params = sum(p.numel() for p in encoder.parameters())
-    R = {"device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-         "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": cfg.batch_size,
-         "top_k": cfg.top_k, "timed_steps": args.steps, "warmup_steps": args.warmup, "shape": shape,
-         "parameters": {"lm_and_adapter": total_params, "trainable": trainable, "encoder": encoder_params},
-         "build_seconds": build_s}
-    say(f"device {device} ({R['device_name']}), {dtype}, {torch.get_num_threads()} threads; "
-        f"{total_params / 1e6:.0f}M LM+adapter parameters, {trainable / 1e6:.1f}M trainable")
-
-    peak = matmul_peak(device)
-
-    # -- feature extraction: an encoding epoch vs a cached epoch --
-    records, store, _ = mtl.load_records(cfg)
-    shutil.rmtree(Path(cfg.cache_dir) / "features", ignore_errors=True)  # a kept --workdir starts uncached too
-    say(f"encoding epoch over {len(records)} JPEGs")
-    t = time.perf_counter()
-    mtl.encode_images(records, store, encoder, cfg)
-    sync(device)
-    encode_s = time.perf_counter() - t
-    t = time.perf_counter()
-    mtl.cached_features(cfg, encoder, records, store)  # first call: encode + write the cache
-    first_s = time.perf_counter() - t
-    t = time.perf_counter()
-    feats, _ = mtl.cached_features(cfg, encoder, records, store)  # second call: read
-    cached_s = time.perf_counter() - t
-    R["features"] = {"images": len(records), "encode_seconds": encode_s, "first_call_seconds": first_s,
-                     "cached_seconds": cached_s, "encode_images_per_s": len(records) / encode_s,
-                     "cached_images_per_s": len(records) / cached_s}
-
-    split = mtl.make_split([r.image_id for r in records], feats, {r.image_id: r for r in records}, model)
-    by_id = {r.image_id: r for r in records}
-    pixels = torch.stack([encoder.preprocess(store.open(by_id[i].ref)) for i in split.ids])  # rows of split
-    n_pairs = (args.warmup + args.steps) * cfg.batch_size
-    batches = pair_batches(train_split(split, n_pairs), cfg.batch_size, cfg.seed)
-    timed = batches[args.warmup: args.warmup + args.steps]
-    timed_pairs = sum(len(c) for _, c in timed)
-    timed_tokens = sum(len(x) for _, c in timed for x in c)
-    timed_flops = sum(useful_flops(shape, len(x), cfg.top_k) for _, c in timed for x in c)
-
-    # -- generation: batched vs one image at a time (before training: the random LM never emits EOS, so
-    #    every caption runs to MAX_NEW_TOKENS; a few training steps teach it to stop almost at once) --
-    decoding = mtl.decoding_kwargs(cfg)
-    n_gen, n_loop = min(args.gen_images, len(split.ids)), min(args.loop_images, len(split.ids))
-    say(f"generation: {n_gen} captions in batches of {cfg.eval_batch_size}, {n_loop} one at a time")
-    model.eval()
-    mtl.generate_captions(model, split.features[:1], cfg)  # warm-up
-    def one_at_a_time():
-        with torch.no_grad():
-            return [model.generate(split.features[i: i + 1], decoding) for i in range(n_loop)]
-
-    batched_caps, batched_s, batched_share = run_timed(
-        device, lambda: mtl.generate_captions(model, split.features[:n_gen], cfg))
-    loop_caps, loop_s, loop_share = run_timed(device, one_at_a_time)
-    R["generation"] = {"batched_captions": n_gen, "eval_batch_size": cfg.eval_batch_size, "batched_seconds": batched_s,
-                       "batched_captions_per_s": n_gen / batched_s, "loop_captions": n_loop, "loop_seconds": loop_s,
-                       "loop_captions_per_s": n_loop / loop_s, "max_new_tokens": cfg.max_new_tokens,
-                       "others_cpu_share": {"batched": batched_share, "loop": loop_share},
-                       "mean_generated_words_batched": sum(len(c.split()) for c in batched_caps) / max(1, n_gen),
-                       "mean_generated_words_loop": sum(len(c[0].split()) for c in loop_caps) / max(1, n_loop)}
-
-    # -- training: ours vs plain, same pairs in the same order, alternating step by step --
-    say(f"training: ours and plain alternating, {args.warmup} warm-up + {args.steps} timed steps of {cfg.batch_size}")
-    ours, plain, peak2, cpu_share = time_training(model, encoder, cfg, split, batches, pixels, args.warmup, args.steps,
-                                                  device, say)
-    peak = max(peak, peak2, matmul_peak(device))
-    R["matmul_peak_flops"], R["matmul_peak_kind"] = peak, PEAK_LABEL.get(device.type, "matmul")
-    R["train"] = {}
-    for name, times in (("ours", ours), ("plain", plain)):
-        # rates per timed step, then the median step: robust to a neighbour's burst on a shared machine
-        per_step = [(len(c), sum(map(len, c)), sum(useful_flops(shape, len(x), cfg.top_k) for x in c), dt)
-                    for (_, c), dt in zip(timed, times)]
-        med = lambda k: statistics.median(x[k] / x[3] for x in per_step)  # noqa: E731
-        R["train"][name] = {"step_seconds": times, "samples_per_s": med(0), "useful_tokens_per_s": med(1),
-                            "useful_flops_per_s": med(2), "useful_flops_share_of_peak": med(2) / peak,
-                            "mean_samples_per_s": timed_pairs / sum(times), "others_cpu_share": cpu_share[name]}
-    R["train"]["useful_flops_per_step"] = timed_flops / len(timed)
-    R["train"]["mean_caption_tokens"] = timed_tokens / timed_pairs
-    prefix = shape["visual_tokens"] + shape["prompt_tokens"]
-    # positions the decoder computes (dynamic padding) vs those that matter (T of the docstring)
-    computed = sum(len(c) * (prefix + max(map(len, c))) for _, c in timed)
-    R["train"]["useful_position_share"] = sum(prefix + len(x) - 1 for _, c in timed for x in c) / computed
-    R["train"]["plain_useful_position_share"] = sum(prefix + len(x) - 1 for _, c in timed for x in c) / (
-        timed_pairs * (prefix + cfg.max_caption_tokens + 1))
-
-    # -- memory: fresh subprocesses, after this process lets go of its copy of the model --
-    lm_cfg = model.lm.config
-    frozen_params = total_params - trainable
-    del model, encoder, split, feats, pixels
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    R["memory"] = {}
-    for variant in ("ours", "plain"):
-        say(f"memory: one {variant} step in a fresh subprocess")
-        R["memory"][variant] = run_memory_worker(variant, args, assets, root)
-    m_ours, m_plain = R["memory"]["ours"], R["memory"]["plain"]
-    # the memory accounting of the GPU estimate, applied to the step just measured, as a check
-    say("memory accounting: saved-activation profile of a frozen and a trainable block")
-    profile = saved_activation_profile(lm_cfg, device, None if dtype == torch.float32 else dtype)
-    prefix = shape["visual_tokens"] + shape["prompt_tokens"]
-    predicted = step_memory(profile, shape["layers"], cfg.top_k,
-                            m_ours["batch"] * (prefix + m_ours["padded_caption_len"]), m_ours["caption_tokens"],
-                            shape["vocab"], trainable)
-    R["memory"]["profile"], R["memory"]["ours_predicted"] = profile, predicted
-    R["memory"]["ours_predicted_step_bytes"] = predicted["step"]
-
-    g, tr = R["generation"], R["train"]
-    R["train_speedup_vs_plain"] = tr["ours"]["samples_per_s"] / tr["plain"]["samples_per_s"]
-    R["peak_memory_ratio_vs_plain"] = m_ours["step_bytes"] / m_plain["step_bytes"]
-    R["total_memory_ratio_vs_plain"] = m_ours["total_bytes"] / m_plain["total_bytes"]
-    R["useful_flops_share_of_peak"] = tr["ours"]["useful_flops_share_of_peak"]
-    R["generation_speedup_vs_loop"] = g["batched_captions_per_s"] / g["loop_captions_per_s"]
-    R["cached_epoch_speedup"] = R["features"]["encode_seconds"] / R["features"]["cached_seconds"]
-    R["targets"] = {"train_speedup_vs_plain >= 1.4": R["train_speedup_vs_plain"] >= 1.4,
-                    "peak_memory_ratio_vs_plain <= 0.7": R["peak_memory_ratio_vs_plain"] <= 0.7,
-                    "useful_flops_share_of_peak >= 0.5": R["useful_flops_share_of_peak"] >= 0.5,
-                    "generation_speedup_vs_loop >= 5": R["generation_speedup_vs_loop"] >= 5,
-                    "cached_epoch_speedup >= 3": R["cached_epoch_speedup"] >= 3}
-    print_table(R)
-    R["estimate"] = print_estimate(args, device, lm_cfg, shape, trainable, frozen_params, encoder_params, check=R)
-    return R
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with open("/proc/cpuinfo") as fh:
-        model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "cpu")
-    return f"{model}, {os.cpu_count()} logical CPUs"
-
-
-def print_table(R: dict) -> None:
-    tr, m, g, f = R["train"], R["memory"], R["generation"], R["features"]
-    o, p = tr["ours"], tr["plain"]
-    print(f"\n### bench_train.py — {R['device_name']} ({R['device']}, {R['dtype']}, {R['threads']} threads), "
-          f"Qwen3-0.6B + CLIP ViT-B/32 shapes, batch {R['batch_size']}, TOP_K={R['top_k']}\n")
-    print("| measure | ours | plain / loop / encode | ratio |")
-    print("|---|---|---|---|")
-    print(f"| training samples/s | {o['samples_per_s']:.2f} | {p['samples_per_s']:.2f} | "
-          f"{R['train_speedup_vs_plain']:.2f}x |")
-    print(f"| useful tokens/s (caption+EOS) | {o['useful_tokens_per_s']:.1f} | {p['useful_tokens_per_s']:.1f} | |")
-    print(f"| useful FLOP/s | {o['useful_flops_per_s'] / 1e9:.1f} G | {p['useful_flops_per_s'] / 1e9:.1f} G | |")
-    print(f"| share of {R['matmul_peak_kind']} peak ({R['matmul_peak_flops'] / 1e9:.1f} GFLOP/s) | "
-          f"{o['useful_flops_share_of_peak']:.1%} | {p['useful_flops_share_of_peak']:.1%} | |")
-    print(f"| step memory (peak growth) | {gb(m['ours']['step_bytes'])} | {gb(m['plain']['step_bytes'])} | "
-          f"{R['peak_memory_ratio_vs_plain']:.2f}x |")
-    print(f"| total peak memory (weights incl.) | {gb(m['ours']['total_bytes'])} | {gb(m['plain']['total_bytes'])} | "
-          f"{R['total_memory_ratio_vs_plain']:.2f}x |")
-    print(f"| captions/s (batch {g['eval_batch_size']} vs one at a time) | {g['batched_captions_per_s']:.2f} | "
-          f"{g['loop_captions_per_s']:.3f} | {R['generation_speedup_vs_loop']:.1f}x |")
-    print(f"| images/s of a feature epoch (cached vs encoding) | {f['cached_images_per_s']:.0f} | "
-          f"{f['encode_images_per_s']:.1f} | {R['cached_epoch_speedup']:.0f}x |")
-    print(f"\nours: {tr['useful_flops_per_step'] / 1e9:.0f} useful GFLOP per step, "
-          f"{tr['mean_caption_tokens']:.1f} supervised tokens per caption, {tr['useful_position_share']:.0%} of the "
-          f"computed positions useful (plain: {tr['plain_useful_position_share']:.0%}); step times "
-          f"{', '.join(f'{x:.2f}' for x in o['step_seconds'])} s (plain: "
-          f"{', '.join(f'{x:.2f}' for x in p['step_seconds'])} s)")
-    print(f"memory: {m['ours']['method']}")
-    shares = o["others_cpu_share"] + p["others_cpu_share"]
-    if shares and None not in shares and g["others_cpu_share"]["batched"] is not None:
-        busy = {"training (max step)": max(shares), "batched generation": g["others_cpu_share"]["batched"],
-                "generation loop": g["others_cpu_share"]["loop"]}
-        R["others_cpu_share"] = busy
-        print("other processes used " + ", ".join(f"{v:.0%} of the CPUs during {k}" for k, v in busy.items()))
-        if R["device"] == "cpu" and max(busy.values()) > 0.1:
-            print("WARNING: the machine was shared while timing; on CPU that slows these timings a lot (OpenMP "
-                  "threads spin while a neighbour runs): re-run on a quiet machine for figures to quote")
-    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in R["targets"].items()))
-
-
 def config_shapes(top_k: int):
     """--estimate: the shapes and parameter counts from the configs alone (meta tensors, no weights)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen3Config, Qwen3ForCausalLM
@@ -722,13 +763,14 @@ def config_shapes(top_k: int):
     with torch.device("meta"):
         lm = Qwen3ForCausalLM(lm_cfg)
         enc = CLIPVisionModel(CLIPVisionConfig(**CLIP_B32_VISION))
-    cfg = mtl.Config()
+        cfg = mtl.Config()
+        adapter = sum(p.numel() for p in mtl.Adapter(CLIP_PROJECTION, cfg.adapter_hidden, cfg.num_visual_tokens,
+                                                      lm_cfg.hidden_size).parameters())
     block = sum(p.numel() for p in lm.model.layers[0].parameters())
-    h, v = cfg.adapter_hidden, cfg.num_visual_tokens
-    adapter = CLIP_PROJECTION * h + h + h * v * lm_cfg.hidden_size + v * lm_cfg.hidden_size
+    prompt = bench_tokenizer()(cfg.prompt, add_special_tokens=False)["input_ids"]
     shape = {"layers": lm_cfg.num_hidden_layers, "params_per_block": block, "hidden": lm_cfg.hidden_size,
-             "vocab": lm_cfg.vocab_size, "adapter_params": adapter, "visual_tokens": v,
-             "prompt_tokens": 7}  # Qwen's tokenizer splits the default PROMPT into 7 tokens
+             "vocab": lm_cfg.vocab_size, "adapter_params": adapter, "visual_tokens": cfg.num_visual_tokens,
+             "prompt_tokens": len(prompt)}
     trainable = adapter + top_k * block
     frozen = sum(p.numel() for p in lm.parameters()) - top_k * block
     encoder = sum(p.numel() for p in enc.parameters()) + enc.config.hidden_size * CLIP_PROJECTION
@@ -772,8 +814,257 @@ def print_estimate(args, device, lm_cfg, shape, trainable, frozen, encoder_param
     if check is not None:
         m = check["memory"]
         print(f"estimate check: the same accounting ({m['profile']['dtype']} profile) predicts "
-              f"{gb(m['ours_predicted_step_bytes'])} for the step measured above: {gb(m['ours']['step_bytes'])}")
+              f"{gb(m['eager_predicted_step_bytes'])} for the eager step measured above: {gb(m['eager']['step_bytes'])}")
     return est
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+def gb(x: float) -> str:
+    return f"{x / 1e9:.2f} GB"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with open("/proc/cpuinfo") as fh:
+        model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "cpu")
+    return f"{model}, {os.cpu_count()} logical CPUs"
+
+
+def recipe_names(args, device) -> list[str]:
+    names = ["plain", "eager"] + (["fast"] if device.type == "cuda" or args.fast else [])
+    return names + (["eager+liger", "fast+liger"] if args.liger and device.type == "cuda" else [])
+
+
+def build_recipes(names, model, encoder, cfg, assets, root, args, say) -> list[Recipe]:
+    recipes = []
+    liger = None
+    for name in names:
+        if name.endswith("liger") and liger is None:
+            say("building a second model with LIGER=1")
+            _, liger_encoder, liger, _ = load_bench(assets, root, args, LIGER=1)
+        if name.startswith("fast"):
+            say(f"{name}: compiling the decoder for every length bucket")
+        recipe = make_recipe(name, liger if name.endswith("liger") else model, encoder, cfg)
+        if recipe is None:
+            say(f"{name}: compiling failed, the recipe is left out (see the warning above)")
+        else:
+            recipes.append(recipe)
+    return recipes
+
+
+def run_benchmark(args, root: Path, say) -> dict:
+    say(f"building real-shape random models and {args.images} JPEGs in {root}")
+    t = time.perf_counter()
+    assets = build_assets(root, args.images, seed=0)
+    build_s = time.perf_counter() - t
+    cfg, encoder, model, split = load_bench(assets, root, args)
+    device, dtype = model.device, model.dtype
+    shape = lm_shape(model)
+    total_params, trainable = mtl.count_parameters(model)
+    encoder_params = sum(p.numel() for p in encoder.parameters())
+    R = {"device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+         "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": cfg.batch_size,
+         "top_k": cfg.top_k, "timed_steps": args.steps, "warmup_steps": args.warmup, "shape": shape,
+         "parameters": {"lm_and_adapter": total_params, "trainable": trainable, "encoder": encoder_params},
+         "build_seconds": build_s, "command": " ".join(sys.argv)}
+    say(f"device {device} ({R['device_name']}), {dtype}, {torch.get_num_threads()} threads; "
+        f"{total_params / 1e6:.0f}M LM+adapter parameters, {trainable / 1e6:.1f}M trainable")
+    R["features"] = measure_features(cfg, encoder, device, say)
+    R["generation"] = measure_generation(model, cfg, split, args, device, say)
+
+    names = recipe_names(args, device)
+    say(f"training: {', '.join(names)} alternating, {args.warmup} warm-up + {args.steps} timed steps of {cfg.batch_size}")
+    recipes = build_recipes(names, model, encoder, cfg, assets, root, args, say)
+    n = args.warmup + args.steps
+    train = train_split(split, n * cfg.batch_size * cfg.grad_accum)
+    records, store, _ = mtl.load_records(cfg)
+    model.train()
+    steps = {False: step_batches(model, train, cfg, n),
+             True: step_batches(model, pixel_split(train, encoder, store, {r.image_id: r for r in records}), cfg, n)}
+    R["train"] = measure_training(recipes, steps, shape, cfg, args, device, say)
+    R["memory"] = measure_memory(recipes, steps, args, assets, root, device, say)
+    if args.max_batch and device.type == "cuda" and any(r.name == "fast" for r in recipes):
+        R["max_batch"] = measure_max_batch(next(r for r in recipes if r.name == "fast"), cfg, say)
+
+    lm_cfg = model.lm.config
+    say("memory accounting: saved-activation profile of a frozen and a trainable block")
+    R["memory"]["profile"] = saved_activation_profile(lm_cfg, device, None if dtype == torch.float32 else dtype)
+    if device.type == "cpu":
+        m = R["memory"]["eager"]
+        prefix = shape["visual_tokens"] + shape["prompt_tokens"]
+        predicted = step_memory(R["memory"]["profile"], shape["layers"], cfg.top_k,
+                                m["batch"] * (prefix + m["padded_caption_len"]), m["caption_tokens"], shape["vocab"],
+                                trainable)
+        R["memory"]["eager_predicted"], R["memory"]["eager_predicted_step_bytes"] = predicted, predicted["step"]
+    del recipes, steps, model, encoder, split
+    gc.collect()
+    compare(R)
+    print_table(R)
+    if device.type == "cpu":
+        R["estimate"] = print_estimate(args, device, lm_cfg, shape, trainable, total_params - trainable,
+                                       encoder_params, check=R)
+    return R
+
+
+def compare(R: dict) -> None:
+    """Ratios between recipes and the targets they are held to (CPU and GPU targets differ)."""
+    tr, mem, rec = R["train"], R["memory"], R["train"]["recipes"]
+    rate = {k: v["samples_per_s"] for k, v in rec.items()}
+    R["train_speedup_vs_plain"] = rate["eager"] / rate["plain"]
+    R["generation_speedup_vs_loop"] = R["generation"]["batched_captions_per_s"] / R["generation"]["loop_captions_per_s"]
+    R["cached_epoch_speedup"] = R["features"]["encode_seconds"] / R["features"]["cached_seconds"]
+    R["peak_memory_ratio_vs_plain"] = mem["eager"]["step_bytes"] / mem["plain"]["step_bytes"]
+    R["total_memory_ratio_vs_plain"] = mem["eager"]["total_bytes"] / mem["plain"]["total_bytes"]
+    if R["device"].startswith("cuda"):
+        fast = rec.get("fast")
+        R["targets"] = {"fast path samples/s >= 4x eager": bool(fast) and fast["samples_per_s"] >= 4 * rate["eager"],
+                        "fast path samples/s >= 2x plain": bool(fast) and fast["samples_per_s"] >= 2 * rate["plain"],
+                        "fast path useful-FLOP share >= 20%": bool(fast) and fast["useful_flops_share_of_peak"] >= 0.2,
+                        "fast path <= 800 kernel launches per step": bool(fast) and fast["launches"] <= 800,
+                        "fast path compile warm-up <= 120 s": bool(fast) and fast["compile_warmup_seconds"] <= 120}
+        if fast:
+            R["fast_speedup_vs_eager"] = fast["samples_per_s"] / rate["eager"]
+            R["fast_speedup_vs_plain"] = fast["samples_per_s"] / rate["plain"]
+    else:
+        R["targets"] = {"train_speedup_vs_plain >= 1.4": R["train_speedup_vs_plain"] >= 1.4,
+                        "peak_memory_ratio_vs_plain <= 0.7": R["peak_memory_ratio_vs_plain"] <= 0.7,
+                        "useful_flops_share_of_peak >= 0.5": rec["eager"]["useful_flops_share_of_peak"] >= 0.5,
+                        "generation_speedup_vs_loop >= 5": R["generation_speedup_vs_loop"] >= 5,
+                        "cached_epoch_speedup >= 3": R["cached_epoch_speedup"] >= 3}
+    R["useful_flops_share_of_peak"] = rec["eager"]["useful_flops_share_of_peak"]
+    del tr
+
+
+def print_table(R: dict) -> None:
+    tr, mem, g, f = R["train"], R["memory"], R["generation"], R["features"]
+    rec = tr["recipes"]
+    names = list(rec)
+    print(f"\n### bench_train.py — {R['device_name']} ({R['device']}, {R['dtype']}, {R['threads']} threads), "
+          f"Qwen3-0.6B + CLIP ViT-B/32 shapes, batch {R['batch_size']}, TOP_K={R['top_k']}\n")
+    print("| training step | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    rows = [("samples/s", lambda r: f"{r['samples_per_s']:.2f}"),
+            ("useful tokens/s (caption+EOS)", lambda r: f"{r['useful_tokens_per_s']:.1f}"),
+            (f"useful FLOP share of the {tr['matmul_peak_kind']} peak ({tr['matmul_peak_flops'] / 1e12:.2f} TFLOP/s)",
+             lambda r: f"{r['useful_flops_share_of_peak']:.1%}"),
+            ("launches per step" if R["device"].startswith("cuda") else "operators dispatched per step",
+             lambda r: f"{r['launches']:,}"),
+            ("CPU enqueue / wall time per step", lambda r: f"{r['cpu_enqueue_seconds'] * 1e3:.1f} / "
+                                                            f"{r['wall_seconds'] * 1e3:.1f} ms"),
+            ("compile warm-up (graphs)", lambda r: f"{r['compile_warmup_seconds']:.0f} s ({r['graphs_compiled']})"
+             if r["graphs_compiled"] else "-")]
+    for label, cell in rows:
+        print(f"| {label} | " + " | ".join(cell(rec[n]) for n in names) + " |")
+    print("| step memory (peak growth) | " + " | ".join(gb(mem[n]["step_bytes"]) if n in mem else "-" for n in names) + " |")
+    print("| total memory (weights + AdamW + step) | " +
+          " | ".join(gb(mem[n]["total_bytes"]) if n in mem else "-" for n in names) + " |")
+    print(f"\neager vs plain: {R['train_speedup_vs_plain']:.2f}x samples/s, {R['peak_memory_ratio_vs_plain']:.2f}x step "
+          f"memory, {R['total_memory_ratio_vs_plain']:.2f}x total memory"
+          + (f"; fast path: {R['fast_speedup_vs_eager']:.2f}x eager, {R['fast_speedup_vs_plain']:.2f}x plain"
+             if "fast_speedup_vs_eager" in R else ""))
+    print(f"captions/s: {g['batched_captions_per_s']:.2f} batched ({g['eval_batch_size']}) vs "
+          f"{g['loop_captions_per_s']:.3f} one at a time ({R['generation_speedup_vs_loop']:.1f}x); feature epoch: "
+          f"{f['cached_images_per_s']:.0f} images/s cached vs {f['encode_images_per_s']:.1f} encoding "
+          f"({R['cached_epoch_speedup']:.0f}x)")
+    print(f"{tr['useful_flops_per_step'] / 1e9:.0f} useful GFLOP per step, {tr['mean_caption_tokens']:.1f} supervised "
+          f"tokens per caption, {tr['useful_position_share']:.0%} of the positions the eager step computes are "
+          f"useful (plain: {tr['plain_useful_position_share']:.0%})")
+    if "max_batch" in R:
+        mb = R["max_batch"]
+        probes = ", ".join(f"{b}: {gb(p['peak_bytes'])}, {p['samples_per_s']:.0f} samples/s" for b, p in mb["probes"].items())
+        print(f"max batch (fast path, worst-case 49-token captions, 24 GiB card): {mb['largest_fitting_batch']} "
+              f"(probes {probes}); samples/s gain over batch {R['batch_size']}: "
+              f"{mb['samples_per_s_gain']:.2f}x" if mb["samples_per_s_gain"] else "max batch: none fits")
+    busy = [o for r in rec.values() for o in r["others_cpu_share"] if o is not None]
+    if R["device"] == "cpu" and busy:
+        R["others_cpu_share_max"] = max(busy)
+        print(f"other processes used up to {max(busy):.0%} of the CPUs during a timed step")
+        if max(busy) > 0.1:
+            print("WARNING: the machine was shared while timing; on CPU that slows these timings a lot (OpenMP "
+                  "threads spin while a neighbour runs): re-run on a quiet machine for figures to quote")
+    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in R["targets"].items()))
+
+
+def print_variants(V: dict) -> None:
+    print("\n| variant | trainable parameters (adapter + LM) | step time | samples/s | step memory |")
+    print("|---|---|---|---|---|")
+    for name, v in V.items():
+        print(f"| {name} | {v['trainable']:,} ({v['trainable_adapter']:,} + {v['trainable_lm']:,}) | "
+              f"{v['step_seconds']:.3f} s | {v['samples_per_s']:.2f} | {gb(v['step_bytes'])} |")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
+    p.add_argument("--out", metavar="DIR", help="--e2e: write the runs' logs here (default: the work folder)")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size of every recipe (default 8)")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps per recipe (default 4)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per recipe (default 1)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--top-k", type=int, default=3, help="unfrozen top blocks (default 3)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="batched generation's batch (default 64)")
+    p.add_argument("--gen-images", type=int, default=64, help="captions generated in batches (default 64)")
+    p.add_argument("--loop-images", type=int, default=4, help="captions generated one at a time (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="generation length; 0 = the script's default")
+    p.add_argument("--images", type=int, default=64, help="JPEGs in the encoding epoch (default 64)")
+    p.add_argument("--num-workers", type=int, default=2, help="NUM_WORKERS of the encoding epoch (default 2)")
+    p.add_argument("--fast", action="store_true", help="on CPU too: time the compiled fast path (slow to compile)")
+    p.add_argument("--liger", action="store_true", help="CUDA: also time eager and fast with LIGER=1")
+    p.add_argument("--max-batch", action="store_true", help="CUDA: the largest batch a 24 GiB card holds (fast path)")
+    p.add_argument("--variants", action="store_true", help="only the cost of mlp/top-3, qformer/top-3, mlp/LoRA-16")
+    p.add_argument("--e2e", action="store_true", help="only the end-to-end --train/--test, eager vs fast path")
+    p.add_argument("--e2e-images", type=int, default=1000, help="--e2e: images in the generated folder (default 1000)")
+    p.add_argument("--workdir", help="keep models and images here (default: a temporary folder, deleted)")
+    p.add_argument("--estimate", action="store_true", help="print only the analytic GPU estimate")
+    p.add_argument("--utilisation", type=float, default=0.35,
+                   help="GPU estimate: assumed useful FLOP/s as a share of the bf16 peak (default 0.35)")
+    p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_assets", help=argparse.SUPPRESS)
+    p.add_argument("--_overrides", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    mtl.setup_logging("WARNING")
+    if args._worker:
+        print(json.dumps(memory_worker(args)))
+        return 0
+    if args.estimate:
+        device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        print_estimate(args, device, *config_shapes(args.top_k))
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the temporary folder is still removed
+    say = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    wall0 = time.perf_counter()
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_train_"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.variants or args.e2e:
+            assets = build_assets(root, args.images, seed=0)
+            result = {"variants": measure_variants(assets, root, args, say)} if args.variants else {}
+            if args.e2e:
+                result["e2e"] = run_e2e(assets, root, args, say)
+            if args.variants:
+                print_variants(result["variants"])
+            if args.e2e:
+                print(json.dumps(result["e2e"], indent=2))
+        else:
+            result = run_benchmark(args, root, say)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    result["wall_seconds"] = time.perf_counter() - wall0
+    print(f"\nwall time of the benchmark: {result['wall_seconds']:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {args.json}")
+    missed = [k for k, ok in result.get("targets", {}).items() if not ok]
+    return 1 if args.check and missed else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny models of the real architectures saved to disk, small datasets in every
-accepted format, and a helper that runs the script as a user would (a subprocess)."""
+"""Shared fixtures and helpers: tiny models of the real architectures saved to disk, small datasets
+in every accepted format, running the script as a user would (a subprocess), reading what it wrote
+(error lines, offline W&B records, checkpoints), and the training runs that several files check."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,9 +17,15 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "multimodal_transfer_learning.py"
 sys.path.insert(0, str(ROOT))
 
 import multimodal_transfer_learning as mtl  # noqa: E402
+
+# Fake secrets planted in runs and configs; they must never show up in anything the script writes.
+HF_FAKE = "hf_FAKEtokenDoNotLeak7Qx9Zr2Lm4Np6Vb8"
+WANDB_FAKE = "FAKEwandbKeyDoNotLeak0123456789abcdef0123"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
 SHAPES = ("circle", "square")
@@ -140,13 +150,13 @@ def base_env(tmp_path, tiny_lm_dir, tiny_clip_dir, image_folder) -> dict[str, st
 def run_script(args: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = 300,
                stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
     """Run the script as a user would; stdin closed so any interactive prompt would fail."""
-    return subprocess.run([sys.executable, str(ROOT / "multimodal_transfer_learning.py"), *args], env=env,
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env,
                           cwd=cwd or Path(env["CACHE_DIR"]).parent, capture_output=True, text=True, timeout=timeout,
                           stdin=stdin)
 
 
 @pytest.fixture
-def config_from_env(base_env, monkeypatch):
+def config_from_env(base_env):
     """Build a validated Config in-process from base_env plus overrides (no .env file involved)."""
     def make(**overrides) -> mtl.Config:
         env = {**base_env, **{k.upper(): str(v) for k, v in overrides.items()}}
@@ -163,3 +173,126 @@ def tiny_model(config_from_env):
         encoder, model = mtl.build_model(cfg, device, dtype)
         return cfg, encoder, model
     return make
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading what a subprocess run did
+# ---------------------------------------------------------------------------------------------
+
+def path_without_java(folder: Path) -> str:
+    """PATH as it is, but with no `java`: the caption metrics then skip their JVM start-ups (PTB tokenizer,
+    METEOR), which cost more CPU than the tiny training itself. Metrics are tested in test_evaluation.py."""
+    dirs = []
+    for i, d in enumerate(os.environ.get("PATH", "").split(os.pathsep)):
+        if os.path.exists(os.path.join(d, "java")):
+            shadow = folder / f"bin{i}"
+            shadow.mkdir(parents=True, exist_ok=True)
+            for name in os.listdir(d):
+                if name != "java" and not os.path.lexists(shadow / name):
+                    os.symlink(os.path.join(d, name), shadow / name)
+            d = str(shadow)
+        dirs.append(d)
+    return os.pathsep.join(dirs)
+
+
+def parallel(jobs: dict, workers: int = 2) -> dict:
+    """Run independent jobs (callables) two at a time; subprocesses do the work, threads only wait."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {name: pool.submit(fn) for name, fn in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def text(res) -> str:
+    """Everything a run printed, without colours."""
+    return ANSI.sub("", res.stderr + res.stdout)
+
+
+def explain(res) -> str:
+    return f"exit {res.returncode}\n--- stderr (tail) ---\n{res.stderr[-4000:]}\n--- stdout (tail) ---\n{res.stdout[-1000:]}"
+
+
+def error_lines(res) -> list[str]:
+    return [line for line in ANSI.sub("", res.stderr).splitlines() if " ERROR " in line]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def leftover_temp_files(folder: Path) -> list[str]:
+    return [n for n in os.listdir(folder) if n.endswith(".tmp")] if folder.is_dir() else []
+
+
+def wandb_records(path: Path):
+    """The records of an offline `run-*.wandb` file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"unexpected W&B file header {data[:7]!r}"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7: pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+            buf = b""
+
+
+def wandb_runs(wandb_dir: Path) -> dict[str, list[dict]]:
+    """{run id: [{"exit_code": int | None, "run_id": str}, ...]} for every offline run file under wandb_dir."""
+    runs = {}
+    for f in Path(wandb_dir).rglob("run-*.wandb"):
+        info = {"exit_code": None, "run_id": None}
+        for r in wandb_records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                info["run_id"] = r.run.run_id
+            elif kind == "exit":
+                info["exit_code"] = r.exit.exit_code
+        runs.setdefault(info["run_id"], []).append(info)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess runs shared across files (each runs once per session)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def shared_env(tmp_path_factory, tiny_lm_dir, tiny_clip_dir):
+    """(root, env factory) for session-wide runs: one 40-image dataset folder, and PATH without Java.
+    env(name, **overrides) gives the environment of a run that writes under root/name."""
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "images"
+    rows = write_images(data, 40)
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = path_without_java(root / "path")
+
+    def env(name: str, **overrides) -> dict[str, str]:
+        return make_env(root / name, tiny_lm_dir, tiny_clip_dir, data, PATH=path, **overrides)
+    return root, env
+
+
+@pytest.fixture(scope="session")
+def trained(shared_env):
+    """Run A (2 epochs, fake HF_TOKEN/WANDB_API_KEY, DEBUG logging so the most text is written) and
+    run D (same config and SEED, no secrets, another folder) side by side, then A's --test.
+    A feeds the secrets scan (test_cli.py) and resume, the NaN guard and determinism (test_training.py)."""
+    root, env = shared_env
+    env_a = env("A", HF_TOKEN=HF_FAKE, WANDB_API_KEY=WANDB_FAKE, LOG_LEVEL="DEBUG")
+    env_d = env("D")
+    res = parallel({"A train": lambda: run_script(["--train"], env_a),
+                    "D train": lambda: run_script(["--train"], env_d)})
+    assert res["A train"].returncode == 0, explain(res["A train"])
+    assert res["D train"].returncode == 0, explain(res["D train"])
+    res["A test"] = run_script(["--test"], env_a)
+    assert res["A test"].returncode == 0, explain(res["A test"])
+    return {"env_a": env_a, "env_d": env_d, "A": root / "A", "D": root / "D", **res}

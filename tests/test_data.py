@@ -1,18 +1,34 @@
-"""Data: every accepted source gives one record per image with all its captions, and the split is
-by image, disjoint, complete, 80/10/10 and a function of the ids and SEED only."""
+"""Data: every accepted source gives one record per image with all its captions; the split is by
+image, disjoint, complete, 80/10/10 and a function of the ids and SEED only; bad records (missing,
+undecodable, caption-less) are skipped and reported, and too many stop the run. The feature cache
+holds what the encoder gives and is rebuilt exactly when the encoder, its preprocessing or the
+images change."""
+from __future__ import annotations
+
 import csv
+import io
+import json
 import random
+import re
+import shutil
+from pathlib import Path
 
 import datasets
 import pytest
+import torch
+from PIL import Image
 
 import multimodal_transfer_learning as mtl
-from conftest import draw, write_images
+from conftest import draw, error_lines, explain, parallel, run_script, text, write_images
 
 
 def _ids(n):
     return [f"{i:05d}.jpg" for i in range(n)]
 
+
+# ---------------------------------------------------------------------------------------------
+# The split
+# ---------------------------------------------------------------------------------------------
 
 def test_split_is_by_image_disjoint_complete_and_80_10_10():
     ids = _ids(1000)
@@ -31,6 +47,10 @@ def test_split_depends_on_the_set_of_ids_and_seed_only():
     sizes = [len(v) for v in mtl.split_by_image(ids, 1).values()]
     assert sum(sizes) == 317 and abs(sizes[0] - 0.8 * 317) <= 1 and abs(sizes[1] - 0.1 * 317) <= 1
 
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
 
 def test_image_folder_with_jsonl_groups_captions_per_image(config_from_env, image_folder):
     records, store, no_caption = mtl.load_records(config_from_env(dataset=image_folder))
@@ -82,10 +102,163 @@ def test_hub_dataset_with_list_or_string_captions(config_from_env, tmp_path, mon
     assert "CAPTION_COLUMN" in str(e.value) and e.value.exit_code == 2
 
 
-def test_training_iterates_over_every_caption_pair(tiny_model, image_folder):
-    cfg, encoder, model = tiny_model()
-    splits, by_id, _ = mtl.prepare_data(cfg, encoder, model)
-    train = splits["train"]
-    assert len(train.pairs) == sum(len(by_id[i].captions) for i in train.ids) == 3 * len(train.ids)
-    seen = [p for feats, caps in mtl.batches(train, 7, mtl.epoch_order(len(train.pairs), 0, 1)) for p in caps]
-    assert sorted(map(tuple, seen)) == sorted(tuple(c) for _, c in train.pairs)
+# ---------------------------------------------------------------------------------------------
+# Bad records, in a real --train run
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_data(shared_env):
+    """40 good images + a missing file, a truncated PNG, a text file named .png and a row whose captions
+    are all blank: 4 of 44 bad (9%)."""
+    root, env = shared_env
+    folder = root / "bad_images"
+    rows = write_images(folder, 40)
+    png = io.BytesIO()
+    draw("red", "square").save(png, format="PNG")
+    (folder / "img" / "corrupt.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    (folder / "img" / "text.png").write_text("this is not an image\n")
+    draw("blue", "circle").save(folder / "img" / "blank.png")
+    rows += [{"file_name": "img/missing.png", "captions": ["a red circle"]},
+             {"file_name": "img/corrupt.png", "captions": ["a red square"]},
+             {"file_name": "img/text.png", "captions": ["a green circle"]},
+             {"file_name": "img/blank.png", "captions": ["", "  "]}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env_ok = env("bad_ok", DATASET=folder, MAX_BAD_FRACTION="0.2", EPOCHS="1")
+    env_stop = env("bad_stop", DATASET=folder)
+    return {"env ok": env_ok, "env stop": env_stop,
+            **parallel({"ok": lambda: run_script(["--train"], env_ok), "stop": lambda: run_script(["--train"], env_stop)})}
+
+
+BAD_IDS = ("img/missing.png", "img/corrupt.png", "img/text.png", "img/blank.png")
+
+
+def test_bad_records_are_skipped_and_reported_and_training_proceeds(bad_data):
+    res = bad_data["ok"]
+    assert res.returncode == 0, explain(res)
+    out = text(res)
+    assert "skipped 4 of 44 images" in out, explain(res)
+    for i in BAD_IDS:
+        assert i in out, f"{i} not named in the report"
+    sizes = re.search(r"data: train (\d+) images / \d+ captions, val (\d+) images / \d+ captions, test (\d+) images", out)
+    assert sizes and sum(map(int, sizes.groups())) == 40, sizes  # all 40 good images, and only those, are used
+    ckpt = torch.load(Path(bad_data["env ok"]["OUTPUT_DIR_MODELS"]) / "1_clip_top1.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+
+
+def test_too_much_bad_data_stops_with_a_clear_error(bad_data):
+    res = bad_data["stop"]
+    assert res.returncode == 1, explain(res)
+    (line,) = error_lines(res)
+    assert "9.1%" in line and "MAX_BAD_FRACTION=0.05" in line, line
+    assert "Traceback" not in res.stderr
+    assert not list(Path(bad_data["env stop"]["OUTPUT_DIR_MODELS"]).glob("*.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature cache
+# ---------------------------------------------------------------------------------------------
+
+def cache_call(cfg, encoder):
+    records, store, _ = mtl.load_records(cfg)
+    path = mtl.feature_cache_path(cfg, encoder, records, store)
+    feats, bad = mtl.cached_features(cfg, encoder, records, store)
+    return path, feats, records, store
+
+
+def stamp(path):
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def test_cached_features_equal_freshly_computed_ones(tiny_model):
+    cfg, encoder, _ = tiny_model()
+    path, feats, records, store = cache_call(cfg, encoder)
+    blob = torch.load(path, weights_only=True)
+    fresh, bad = mtl.encode_images(records, store, encoder, cfg)
+    assert not bad and blob["ids"] == [r.image_id for r in records]
+    torch.testing.assert_close(blob["features"], fresh, rtol=0, atol=0)
+    # and each equals the image encoded on its own (batching changes nothing)
+    for i in (0, len(records) - 1):
+        single = encoder(encoder.preprocess(store.open(records[i].ref))[None])[0]
+        torch.testing.assert_close(feats[records[i].image_id], single, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_is_reused_when_nothing_changed(tiny_model):
+    cfg, encoder, _ = tiny_model()
+    path, feats, _, _ = cache_call(cfg, encoder)
+    before = stamp(path)
+    again, feats2, _, _ = cache_call(cfg, encoder)
+    assert again == path and stamp(path) == before  # read, not rewritten
+    assert list(path.parent.iterdir()) == [path]
+    _, enc2, _ = tiny_model()  # the same encoder loaded again in another process-like build
+    assert cache_call(cfg, enc2)[0] == path and stamp(path) == before
+    assert all(torch.equal(feats[k], feats2[k]) for k in feats)
+
+
+def test_cache_is_rebuilt_for_another_encoder(tiny_model, tiny_vit_dir):
+    cfg, encoder, _ = tiny_model()
+    clip_path, clip_feats, _, _ = cache_call(cfg, encoder)
+    cfg_vit, vit, _ = tiny_model(VISION_ENCODER="vit", VISION_MODEL=str(tiny_vit_dir))
+    vit_path, vit_feats, _, _ = cache_call(cfg_vit, vit)
+    assert vit_path != clip_path and vit_path.is_file() and clip_path.is_file()
+    k = next(iter(vit_feats))
+    assert vit_feats[k].shape == (vit.dim,) != clip_feats[k].shape
+
+
+def test_cache_is_rebuilt_when_the_model_dir_is_re_saved(tiny_model, tiny_clip_dir, tmp_path):
+    from transformers import CLIPModel
+    model_dir = tmp_path / "my-clip"
+    shutil.copytree(tiny_clip_dir, model_dir)
+    cfg, encoder, _ = tiny_model(VISION_MODEL=str(model_dir))
+    old_path, old_feats, _, _ = cache_call(cfg, encoder)
+    clip = CLIPModel.from_pretrained(model_dir)  # fine-tuned elsewhere and saved over the same folder
+    with torch.no_grad():
+        clip.visual_projection.weight.mul_(2)
+    clip.save_pretrained(model_dir)
+    cfg, encoder, _ = tiny_model(VISION_MODEL=str(model_dir))
+    new_path, new_feats, _, _ = cache_call(cfg, encoder)
+    assert new_path != old_path
+    k = next(iter(new_feats))
+    torch.testing.assert_close(new_feats[k], 2 * old_feats[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cache_is_rebuilt_when_the_preprocessing_changes(tiny_model, tiny_clip_dir, tmp_path):
+    model_dir = tmp_path / "my-clip"
+    shutil.copytree(tiny_clip_dir, model_dir)
+    cfg, encoder, _ = tiny_model(VISION_MODEL=str(model_dir))
+    old_path, old_feats, _, _ = cache_call(cfg, encoder)
+    conf = model_dir / "preprocessor_config.json"
+    doc = json.loads(conf.read_text())
+    doc["image_mean"] = [0.5, 0.5, 0.5]
+    conf.write_text(json.dumps(doc))
+    cfg, encoder, _ = tiny_model(VISION_MODEL=str(model_dir))
+    new_path, new_feats, _, _ = cache_call(cfg, encoder)
+    assert new_path != old_path
+    k = next(iter(new_feats))
+    assert not torch.allclose(new_feats[k], old_feats[k])
+
+
+def test_cache_is_rebuilt_when_an_image_changes(tiny_model, image_folder):
+    cfg, encoder, _ = tiny_model()
+    old_path, old_feats, records, _ = cache_call(cfg, encoder)
+    changed = records[3]
+    draw("yellow", "circle").transpose(Image.Transpose.FLIP_LEFT_RIGHT).rotate(30).save(changed.ref)
+    new_path, new_feats, _, _ = cache_call(cfg, encoder)
+    assert new_path != old_path
+    assert not torch.allclose(new_feats[changed.image_id], old_feats[changed.image_id])
+    others = [r.image_id for r in records if r.image_id != changed.image_id]
+    assert all(torch.allclose(new_feats[i], old_feats[i], atol=1e-6) for i in others)
+
+
+def test_cache_is_rebuilt_when_a_record_is_added(tiny_model, image_folder):
+    cfg, encoder, _ = tiny_model()
+    old_path, old_feats, _, _ = cache_call(cfg, encoder)
+    draw("blue", "circle", size=40).save(image_folder / "img" / "new.png")
+    with open(image_folder / "metadata.jsonl", "a") as fh:
+        fh.write(json.dumps({"file_name": "img/new.png", "captions": ["a blue circle"]}) + "\n")
+    new_path, new_feats, _, _ = cache_call(cfg, encoder)
+    assert new_path != old_path
+    assert set(new_feats) == set(old_feats) | {"img/new.png"}
+    # and the cache of the new dataset is then reused
+    before = stamp(new_path)
+    assert cache_call(cfg, encoder)[0] == new_path and stamp(new_path) == before

@@ -1,0 +1,126 @@
+"""Checkpoints: a save that fails midway (full disk, Ctrl-C, an unpicklable object) never leaves a
+truncated file nor replaces a good one, a completed save reads back whole, a checkpoint holds the
+trainable weights and the public config only and the last one of a configuration is found, and
+nothing the script loads with torch.load can run code (weights_only=True everywhere)."""
+from __future__ import annotations
+
+import ast
+import errno
+import os
+
+import pytest
+import torch
+
+import multimodal_transfer_learning as mtl
+from conftest import HF_FAKE, SCRIPT, leftover_temp_files
+
+
+class _DiskFullAfter:
+    """A real file that accepts `limit` bytes and then fails as a full disk (or a Ctrl-C) would."""
+
+    def __init__(self, fh, limit: int, exc: BaseException):
+        self.fh, self.limit, self.exc, self.written = fh, limit, exc, 0
+
+    def write(self, data):
+        data = bytes(data)
+        if self.written + len(data) > self.limit:
+            part = data[: self.limit - self.written]
+            self.fh.write(part)
+            self.fh.flush()
+            self.written += len(part)
+            raise self.exc
+        self.written += len(data)
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["new file", "overwrite"])
+@pytest.mark.parametrize("failure", ["disk full mid-write", "Ctrl-C mid-write", "pickling error"])
+def test_interrupted_save_never_leaves_a_truncated_file(tmp_path, monkeypatch, failure, old):
+    path = tmp_path / "ckpts" / "1_clip_top1.pt"
+    before = None
+    if old:
+        mtl.atomic_save({"format": 1, "model": {"w": torch.ones(3)}}, path)
+        before = path.read_bytes()
+    payload = {"format": 1, "model": {"w": torch.randn(20_000)}}
+    opened = []
+    if failure == "pickling error":
+        payload["bad"] = _Unpicklable()
+    else:
+        exc = OSError(errno.ENOSPC, "No space left on device") if failure.startswith("disk") else KeyboardInterrupt()
+
+        class OsWithFailingFiles:  # only the script's own `os` sees it
+            def __getattr__(self, name):
+                return getattr(os, name)
+
+            def fdopen(self, fd, *args, **kwargs):
+                opened.append(_DiskFullAfter(os.fdopen(fd, *args, **kwargs), 10_000, exc))
+                return opened[-1]
+        monkeypatch.setattr(mtl, "os", OsWithFailingFiles())
+    with pytest.raises(BaseException) as raised:
+        mtl.atomic_save(payload, path)
+    if failure.startswith("disk"):  # one clear line for the user, not a traceback
+        assert isinstance(raised.value, mtl.UserError) and "could not write" in str(raised.value)
+    else:
+        assert not isinstance(raised.value, mtl.UserError)
+    if opened:
+        assert opened[0].written == 10_000  # the failure really came mid-write
+    if old:
+        assert path.read_bytes() == before
+        assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
+    else:
+        assert not path.exists()
+    assert leftover_temp_files(path.parent) == [], os.listdir(path.parent)
+
+
+def test_a_completed_save_is_complete(tmp_path):
+    path = tmp_path / "2_clip_top1.pt"
+    obj = {"format": 1, "model": {"w": torch.randn(1000)}, "epoch": 2}
+    mtl.atomic_save(obj, path)
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], obj["model"]["w"])
+    assert leftover_temp_files(tmp_path) == []
+
+
+def test_torch_load_is_always_weights_only():
+    loads = []
+    for node in ast.walk(ast.parse(SCRIPT.read_text())):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+            loads.append(node.lineno)
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            assert kw.get("weights_only") == "True", f"line {node.lineno}: torch.load without weights_only=True"
+    assert len(loads) >= 2  # the feature cache and the checkpoints
+
+
+def test_a_checkpoint_holds_the_trainable_weights_and_public_config_and_the_last_one_is_found(tiny_model):
+    cfg, _, model = tiny_model(top_k=1, hf_token=HF_FAKE)
+    opt = mtl.make_optimizer(model, cfg)
+    paths = [mtl.save_checkpoint(model, opt, cfg, epoch, 10 * epoch, {"loss": 1 / epoch}, "run-xyz")
+             for epoch in (1, 2, 10)]
+    assert [p.name for p in paths] == ["1_clip_top1.pt", "2_clip_top1.pt", "10_clip_top1.pt"]
+    assert leftover_temp_files(paths[0].parent) == []
+    ckpt = torch.load(paths[1], weights_only=True)
+    trainable = set(model.trainable_names())
+    assert set(ckpt["model"]) == trainable  # not the frozen LM, not the encoder
+    state = model.state_dict()
+    assert all(torch.equal(ckpt["model"][k], state[k]) for k in trainable)
+    assert (ckpt["format"], ckpt["epoch"], ckpt["step"], ckpt["metrics"], ckpt["wandb_run_id"]) == \
+        (1, 2, 20, {"loss": 0.5}, "run-xyz")
+    assert ckpt["config"] == cfg.public() and "hf_token" not in ckpt["config"]
+    assert HF_FAKE.encode() not in paths[1].read_bytes()
+    # The last checkpoint of this configuration is the highest epoch (10, not "2" > "10" as text);
+    # another configuration's checkpoints are not candidates.
+    (paths[0].parent / "99_vit_top2.pt").write_bytes(b"")
+    assert mtl.find_last_checkpoint(cfg) == paths[2]

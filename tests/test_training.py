@@ -1,0 +1,173 @@
+"""Training: every (image, caption) pair is visited once per epoch, the optimizer changes only the
+trainable weights with one learning rate per group on a warm-up + cosine schedule, a non-finite loss
+or non-finite weights stop the run with the last good checkpoint kept, --resume continues to the
+same weights as an uninterrupted run (and refuses another model configuration), and the same SEED
+gives bit-identical checkpoints.
+
+Resume, NaN guard and determinism read the shared runs of conftest.py (`trained`): run A, resumed
+here from its epoch-1 checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+
+import pytest
+import torch
+
+import multimodal_transfer_learning as mtl
+from conftest import error_lines, explain, parallel, run_script, text, wandb_runs, weights
+
+
+def test_training_iterates_over_every_caption_pair(tiny_model, image_folder):
+    cfg, encoder, model = tiny_model()
+    splits, by_id, _ = mtl.prepare_data(cfg, encoder, model)
+    train = splits["train"]
+    assert len(train.pairs) == sum(len(by_id[i].captions) for i in train.ids) == 3 * len(train.ids)
+    seen = [p for feats, caps in mtl.batches(train, 7, mtl.epoch_order(len(train.pairs), 0, 1)) for p in caps]
+    assert sorted(map(tuple, seen)) == sorted(tuple(c) for _, c in train.pairs)
+
+
+def test_optimizer_steps_change_only_trainable_weights(tiny_model):
+    cfg, _, model = tiny_model(top_k=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = mtl.make_optimizer(model, cfg)
+    caps = model.tokenize_captions(["a red circle", "the square is blue", "a photo of a green circle"])
+    for _ in range(3):
+        model.loss(torch.randn(3, 24), caps).backward()
+        opt.step()
+        opt.zero_grad()
+    trainable = set(model.trainable_names())
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+    assert {g["name"] for g in opt.param_groups} == {"adapter", "lm"}
+    assert [g["base_lr"] for g in opt.param_groups] == [cfg.lr_adapter, cfg.lr_qwen]
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    lrs = [mtl.get_lr_scale(s, 100, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs resumed from run A's epoch-1 checkpoint
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resumed(trained, shared_env):
+    """Runs that start from A's checkpoints: B = A's epoch 1 resumed to epoch 2; C = the same with absurd
+    learning rates (the NaN guard); plus resumes that must refuse or find nothing to do."""
+    root, env = shared_env
+    ckpt1 = trained["A"] / "models" / "1_clip_top1.pt"
+    for name in ("B", "C"):
+        (root / name / "models").mkdir(parents=True)
+        shutil.copy(ckpt1, root / name / "models" / ckpt1.name)
+    env_b, env_c = env("B"), env("C", LR_ADAPTER="1e30", LR_QWEN="1e30")
+    env_a = trained["env_a"]
+    jobs = {
+        "B run": lambda: run_script(["--train", "--resume"], env_b),
+        "C run": lambda: run_script(["--train", "--resume"], env_c),
+        "finished": lambda: run_script(["--train", "--resume"], env_a),
+        "other TOP_K": lambda: run_script(["--train", "--resume", "--checkpoint", str(ckpt1)], {**env_a, "TOP_K": "2"}),
+        "other NUM_VISUAL_TOKENS": lambda: run_script(["--train", "--resume"], {**env_a, "NUM_VISUAL_TOKENS": "3",
+                                                                                 "EPOCHS": "3"}),
+    }
+    return {"B": root / "B", "C": root / "C", "ckpt1_sha": hashlib.sha256(ckpt1.read_bytes()).hexdigest(),
+            **parallel(jobs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical guard
+# ---------------------------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(resumed):
+    res = resumed["C run"]
+    assert res.returncode == 1, explain(res)
+    out = text(res)
+    assert "LR_ADAPTER=1e+30 (checkpoint: 0.001)" in out  # the new learning rate applies, and it is said so
+    (line,) = error_lines(res)
+    assert re.search(r"loss became (nan|inf|-inf) at step \d+ \(epoch 2\)", line), line
+    models = resumed["C"] / "models"
+    assert sorted(p.name for p in models.glob("*.pt")) == ["1_clip_top1.pt"]
+    assert hashlib.sha256((models / "1_clip_top1.pt").read_bytes()).hexdigest() == resumed["ckpt1_sha"]
+    assert all(torch.isfinite(w).all() for w in weights(models / "1_clip_top1.pt").values())
+    runs = wandb_runs(resumed["C"] / "wandb")
+    assert [r["exit_code"] for rs in runs.values() for r in rs] == [1], runs
+
+
+def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(tiny_model, tmp_path):
+    """The last step of an epoch can have a finite loss but non-finite gradients (an overflow): the
+    epoch must not end as if all were well, or its checkpoint would hold NaN weights."""
+    import wandb
+    cfg, encoder, model = tiny_model(batch_size=64)
+    captions = ["a red circle", "a blue square", "the circle is green", "a photo of a yellow square"]
+    pairs = list(zip(range(4), model.tokenize_captions(captions)))
+    split = mtl.Split([f"i{n}" for n in range(4)], torch.randn(4, encoder.dim), [[c] for c in captions], pairs)
+    opt = mtl.make_optimizer(model, cfg)
+    for p in model.adapter.parameters():
+        p.register_hook(lambda g: g * float("inf"))  # every gradient overflows, the loss stays finite
+    run = wandb.init(mode="disabled")
+    try:
+        with pytest.raises(mtl.UserError) as err:
+            mtl.train_epoch(model, opt, split, cfg, 1, {"step": 0}, run)
+    finally:
+        run.finish()
+    assert "non-finite" in str(err.value) and "step 1" in str(err.value), str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume
+# ---------------------------------------------------------------------------------------------
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(trained, resumed):
+    res = resumed["B run"]
+    assert res.returncode == 0, explain(res)
+    assert "resuming from" in text(res) and "epoch 2/2" in text(res) and "epoch 1/2" not in text(res)
+    a1 = torch.load(trained["A"] / "models" / "1_clip_top1.pt", weights_only=True)
+    a2 = torch.load(trained["A"] / "models" / "2_clip_top1.pt", weights_only=True)
+    b2 = torch.load(resumed["B"] / "models" / "2_clip_top1.pt", weights_only=True)
+    assert set(a2["model"]) == set(b2["model"])
+    diff = max((a2["model"][k] - b2["model"][k]).abs().max().item() for k in a2["model"])
+    assert diff <= 1e-6, f"max weight difference {diff}"
+    assert not torch.equal(a1["model"]["adapter.net.0.weight"], b2["model"]["adapter.net.0.weight"])  # it trained
+    assert b2["step"] == a2["step"] and b2["epoch"] == 2
+    for (ka, sa), (kb, sb) in zip(sorted(a2["optimizer"]["state"].items()), sorted(b2["optimizer"]["state"].items())):
+        for name in sa:
+            assert torch.allclose(torch.as_tensor(sa[name]), torch.as_tensor(sb[name]), atol=1e-6), (ka, name)
+    assert b2["metrics"]["loss"] == pytest.approx(a2["metrics"]["loss"], abs=1e-6)
+    # the same W&B run continues
+    assert b2["wandb_run_id"] == a1["wandb_run_id"]
+    runs = wandb_runs(resumed["B"] / "wandb")
+    assert list(runs) == [a1["wandb_run_id"]], runs
+
+
+def test_resuming_a_finished_run_says_so(resumed, trained):
+    res = resumed["finished"]
+    assert res.returncode == 0, explain(res)
+    assert "nothing to resume" in text(res)
+    assert sorted(p.name for p in (trained["A"] / "models").glob("*.pt")) == ["1_clip_top1.pt", "2_clip_top1.pt"]
+
+
+@pytest.mark.parametrize("case,needle", [("other TOP_K", "TOP_K=2 (checkpoint: 1)"),
+                                         ("other NUM_VISUAL_TOKENS", "NUM_VISUAL_TOKENS=3 (checkpoint: 2)")])
+def test_resume_with_another_model_configuration_names_the_difference(resumed, case, needle):
+    res = resumed[case]
+    assert res.returncode == 2, explain(res)
+    (line,) = error_lines(res)
+    assert needle in line and "--resume" in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------
+
+def test_same_seed_gives_bit_identical_checkpoints(trained):
+    for name in ("1_clip_top1.pt", "2_clip_top1.pt"):
+        a, d = weights(trained["A"] / "models" / name), weights(trained["D"] / "models" / name)
+        assert set(a) == set(d) and a
+        different = [k for k in a if not torch.equal(a[k], d[k])]
+        assert not different, f"{name}: {different}"
