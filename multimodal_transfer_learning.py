@@ -719,8 +719,16 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     """Stop before writing `needed` bytes under `folder` if the disk cannot hold them."""
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise UserError(f"{what} needs {needed / 1e9:.2f} GB in {folder}, but only {free / 1e9:.2f} GB is free: "
+        raise UserError(f"{what} needs {readable_size(needed)} in {folder}, but only {readable_size(free)} is free: "
                         "free some space or point CACHE_DIR at a larger disk")
+
+
+def readable_size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
 
 
 def reserve_disk_space(path: Path) -> None:

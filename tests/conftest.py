@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -296,3 +297,52 @@ def trained(shared_env):
     res["A test"] = run_script(["--test"], env_a)
     assert res["A test"].returncode == 0, explain(res["A test"])
     return {"env_a": env_a, "env_d": env_d, "A": root / "A", "D": root / "D", **res}
+
+
+@pytest.fixture(scope="session")
+def qformer_runs(shared_env, tiny_vit_dir):
+    """ADAPTER=qformer with each encoder: run A (2 epochs, its epoch 1 keeping its resume state), then side
+    by side: B = A's epoch 1 resumed to epoch 2, A's --test, and A's --caption --explain of photo.png and of
+    a missing file; with CLIP also C = that resume with absurd learning rates (the NaN guard), and A's
+    epoch 1 resumed with ADAPTER=mlp. Returns {"root": folder, "image": photo.png, (encoder, job): the
+    finished process}; run X of an encoder writes under root/qformer/{encoder}/X."""
+    root, env = shared_env
+    vision = {"clip": {}, "vit": {"VISION_ENCODER": "vit", "VISION_MODEL": str(tiny_vit_dir)}}
+    envs = {(kind, name): env(f"qformer/{kind}/{name}", ADAPTER="qformer", **vision[kind], **extra)
+            for kind in vision for name, extra in (("A", {}), ("B", {}), ("C", {"LR_ADAPTER": "1e30", "LR_QWEN": "1e30"}))}
+    image = root / "qformer" / "photo.png"
+    draw("blue", "circle", 64).save(image)
+    runs = parallel({(kind, "train"): lambda kind=kind: run_keeping_resume_state(["--train"], envs[kind, "A"])
+                     for kind in vision})
+    for res in runs.values():
+        assert res.returncode == 0, explain(res)
+    jobs = {}
+    for kind in vision:
+        first = Path(envs[kind, "A"]["OUTPUT_DIR_MODELS"]) / f"1_{kind}_qformer_top1.pt"
+        for name in ("B", "C"):
+            Path(envs[kind, name]["OUTPUT_DIR_MODELS"]).mkdir(parents=True)
+            shutil.copy(first, envs[kind, name]["OUTPUT_DIR_MODELS"])
+        jobs[kind, "resume"] = lambda kind=kind: run_script(["--train", "--resume"], envs[kind, "B"])
+        jobs[kind, "test"] = lambda kind=kind: run_script(["--test"], envs[kind, "A"])
+        jobs[kind, "explain"] = lambda kind=kind: run_script(
+            ["--caption", "--explain", str(image), str(image.with_name("missing.png"))], envs[kind, "A"])
+    first = Path(envs["clip", "A"]["OUTPUT_DIR_MODELS"]) / "1_clip_qformer_top1.pt"
+    jobs["clip", "nan"] = lambda: run_script(["--train", "--resume"], envs["clip", "C"])
+    jobs["clip", "as mlp"] = lambda: run_script(["--train", "--resume", "--checkpoint", str(first)],
+                                                {**envs["clip", "A"], "ADAPTER": "mlp"})
+    return {"root": root / "qformer", "image": image, **runs, **parallel(jobs)}
+
+
+def run_keeping_resume_state(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The script run as by `run_script`, except that an epoch's checkpoint keeps its optimizer and RNG state
+    when the next one is saved: one uninterrupted run then gives both the weights to reach and a middle
+    checkpoint to resume from (what a run stopped after that epoch would have left)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import multimodal_transfer_learning as m; "
+            "m.drop_resume_state = lambda path: None; sys.exit(m.main(sys.argv[2:]))")
+    return subprocess.run([sys.executable, "-c", code, str(ROOT), *args], env=env, cwd=Path(env["CACHE_DIR"]).parent,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def qformer_checkpoint(runs: dict, kind: str, name: str, epoch: int) -> dict:
+    """Checkpoint `epoch` of run `name` (A, B or C) of `qformer_runs` with encoder `kind`."""
+    return torch.load(runs["root"] / kind / name / "models" / f"{epoch}_{kind}_qformer_top1.pt", weights_only=True)
