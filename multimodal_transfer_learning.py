@@ -2,7 +2,8 @@
 """Turn a text-only base LM into an image captioner.
 
 Recipe: a frozen vision encoder (CLIP ViT-B/32: 512-d projected image embedding, or
-ViT-B/16: 768-d CLS) -> a trainable 2-layer MLP adapter -> NUM_VISUAL_TOKENS vectors in
+ViT-B/16: 768-d CLS) -> a trainable 2-layer MLP adapter (ADAPTER=qformer: learned queries that
+cross-attend the encoder's patch tokens instead) -> NUM_VISUAL_TOKENS vectors in
 the LM's embedding space -> [visual][prompt][caption][EOS] -> Qwen3-0.6B-Base with only
 its top TOP_K blocks unfrozen -> cross-entropy on the caption and EOS tokens only.
 
@@ -676,14 +677,14 @@ def cached_patch_tokens(path: Path, records, store, encoder: VisionEncoder, cfg:
     the table (Flickr30k: 2.4 GB for CLIP B/32, 9.6 GB for ViT-B/16) is never loaded whole into RAM, the
     OS pages in the rows a batch gathers. Copy-on-write, so no stray write can reach the cache file."""
     import numpy as np
-    if not (path / PATCH_INDEX).is_file():
+    written = not (path / PATCH_INDEX).is_file()
+    if written:
         write_patch_cache(path, records, store, encoder, cfg)
-        log.info(f"patch tokens: encoded {len(records)} images, cached in {path}")
-    else:
-        log.info(f"patch tokens: read from cache {path}")
     index = json.loads((path / PATCH_INDEX).read_text())
     table = torch.from_numpy(np.load(path / PATCH_TABLE, mmap_mode="c"))
     rows = {i: table[n] for n, i in enumerate(index["ids"]) if i not in index["bad"]}
+    log.info(f"patch tokens: {'encoded' if written else 'read'} {len(rows)} images, "
+             f"{'cached in' if written else 'from cache'} {path}")
     return rows, index["bad"]
 
 
@@ -795,13 +796,19 @@ class QueryBlock(nn.Module):
 
 class QFormer(nn.Module):
     """BLIP-2-style bridge: NUM_VISUAL_TOKENS learned queries read the frozen encoder's patch tokens through
-    QFORMER_LAYERS query blocks of the encoder's width, then a projection to the LM's hidden size."""
+    QFORMER_LAYERS query blocks of the encoder's width, then a projection to the LM's hidden size.
 
-    def __init__(self, patch_dim: int, num_tokens: int, layers: int, lm_dim: int):
+    Cross-attention is blind to the order of the tokens it reads, and an encoder's final hidden states keep
+    where each patch sits only as far as its own training needed, so each position gets a learned
+    embedding added (starting at zero): the queries can tell a shape on the left from one on the right."""
+
+    def __init__(self, patch_shape: tuple[int, int], num_tokens: int, layers: int, lm_dim: int):
         super().__init__()
+        num_patches, patch_dim = patch_shape
         self.num_tokens, self.lm_dim = num_tokens, lm_dim
         self.queries = nn.Parameter(torch.randn(num_tokens, patch_dim) * 0.02)
         self.patch_norm = nn.LayerNorm(patch_dim)  # CLIP's final hidden states are not layer-normed (ViT's are)
+        self.patch_positions = nn.Parameter(torch.zeros(num_patches, patch_dim))
         self.blocks = nn.ModuleList(QueryBlock(patch_dim, attention_heads(patch_dim)) for _ in range(layers))
         self.out_norm = nn.LayerNorm(patch_dim)
         self.projection = nn.Linear(patch_dim, lm_dim)
@@ -814,7 +821,7 @@ class QFormer(nn.Module):
         return self.read(patches, need_weights=True)[1]
 
     def read(self, patches, need_weights: bool = False):
-        patches = self.patch_norm(patches)
+        patches = self.patch_norm(patches) + self.patch_positions  # (B, P, D)
         queries = self.queries.expand(patches.shape[0], -1, -1)  # (B, V, D)
         weights = None
         for block in self.blocks:
@@ -830,7 +837,7 @@ def attention_heads(width: int) -> int:
 def make_adapter(cfg: Config, feature_shape: tuple, lm_dim: int) -> nn.Module:
     """ADAPTER: the MLP over one image embedding (D,), or the Q-Former over patch tokens (P, D)."""
     if cfg.adapter == "qformer":
-        return QFormer(feature_shape[-1], cfg.num_visual_tokens, cfg.qformer_layers, lm_dim)
+        return QFormer(feature_shape, cfg.num_visual_tokens, cfg.qformer_layers, lm_dim)
     return Adapter(feature_shape[0], cfg.adapter_hidden, cfg.num_visual_tokens, lm_dim)
 
 
@@ -1548,6 +1555,7 @@ def heat_panel(view: Image.Image, weights: torch.Tensor, grid: int, size: int, l
 
 
 def labelled(panel: Image.Image, text: str) -> Image.Image:
+    """`text` in white on a black box in the panel's top-left corner (readable over any heatmap)."""
     draw = ImageDraw.Draw(panel)
     box = draw.textbbox((3, 2), text)
     draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))

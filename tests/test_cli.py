@@ -222,7 +222,7 @@ def test_qformer_trains_and_every_output_carries_the_variant(qformer_runs, kind)
 def test_qformer_checkpoint_tests_and_records_its_variant(qformer_runs, kind):
     res = qformer_runs[kind, "test"]
     assert res.returncode == 0, explain(res)
-    assert "patch tokens: read from cache" in text(res)
+    assert "patch tokens: read 40 images, from cache" in text(res)
     models = qformer_runs["root"] / kind / "A" / "models"
     result = json.loads((models / f"2_{kind}_qformer_top1.test.json").read_text())
     assert result["config"]["adapter"] == "qformer" and {"CIDEr", "Recall@1", "loss"} <= set(result["metrics"])

@@ -292,12 +292,13 @@ def test_qformer_reads_the_encoders_patch_tokens_for_both_encoders(tiny_model, t
 
 def test_qformer_parameters_at_the_real_shapes():
     """16 queries, 2 layers, CLIP B/32 patch tokens (50 x 768), Qwen3-0.6B's width 1024, counted by hand."""
-    D, V, H = 768, 16, 1024
+    P, D, V, H = 50, 768, 16, 1024
     attention = 3 * D * D + 3 * D + D * D + D            # packed q/k/v projections + output projection
     mlp = D * 4 * D + 4 * D + 4 * D * D + D
     block = 2 * attention + mlp + 3 * 2 * D              # self- and cross-attention, MLP, three LayerNorms
-    expected = V * D + 2 * D + 2 * block + 2 * D + D * H + H  # queries, patch norm, blocks, out norm, projection
-    qformer = mtl.QFormer(D, V, 2, H)
+    # queries, patch norm, patch positions, blocks, out norm, projection
+    expected = V * D + 2 * D + P * D + 2 * block + 2 * D + D * H + H
+    qformer = mtl.QFormer((P, D), V, 2, H)
     assert sum(p.numel() for p in qformer.parameters()) == expected
     assert all(b.cross_attention.num_heads == 12 for b in qformer.blocks)  # 64-dimensional heads, as BLIP-2's
 
