@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
@@ -109,6 +110,11 @@ QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, n
 CLIP_B32_VISION = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                        image_size=224, patch_size=32)
 CLIP_PROJECTION = 512
+# --tiny: the same architectures at toy widths, to check the benchmark's own code in seconds (tests/test_benchmark.py)
+TINY_QWEN3 = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=256)
+TINY_CLIP_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        image_size=32, patch_size=8)
 FLICKR30K_IMAGES, FLICKR_CAPTIONS_PER_IMAGE = 31_783, 5
 
 # Flickr30k-like words. Captions draw a word count from a log-normal clipped to 5..30 (mean ~12.3
@@ -138,14 +144,14 @@ def flickr_captions(n: int, seed: int) -> list[str]:
 
 # ---- assets: models and images on disk ---------------------------------------------------------
 
-def bench_tokenizer():
-    """A word-level tokenizer over Qwen's full vocabulary size: every id the LM can emit decodes to one word."""
+def bench_tokenizer(vocab_size: int = QWEN3_0_6B["vocab_size"]):
+    """A word-level tokenizer over the LM's full vocabulary size: every id the LM can emit decodes to one word."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {"<|endoftext|>": 0, "<unk>": 1}
     for w in WORDS + PROMPT_WORDS + ["."]:
         vocab.setdefault(w, len(vocab))
-    vocab.update({f"w{i}": i for i in range(len(vocab), QWEN3_0_6B["vocab_size"])})
+    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "image:" -> "image", ":"
@@ -153,22 +159,24 @@ def bench_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
 
 
-def build_assets(root: Path, num_images: int, seed: int) -> dict[str, Path]:
-    """Real-shape random Qwen3 + CLIP saved like hub checkpoints, and a Flickr-like image folder."""
+def build_assets(root: Path, num_images: int, seed: int, tiny: bool = False) -> dict[str, Path]:
+    """Real-shape (or --tiny) random Qwen3 + CLIP saved like hub checkpoints, and a Flickr-like image folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Qwen3Config, Qwen3ForCausalLM
-    lm_dir, clip_dir = root / "qwen3-0.6b-random", root / "clip-vit-b32-random"
+    lm_shape_, vision_shape = (TINY_QWEN3, TINY_CLIP_VISION) if tiny else (QWEN3_0_6B, CLIP_B32_VISION)
+    lm_dir, clip_dir = root / ("qwen3-tiny" if tiny else "qwen3-0.6b-random"), root / ("clip-tiny" if tiny else "clip-vit-b32-random")
     torch.manual_seed(seed)
     if not (lm_dir / "config.json").is_file():
-        bench_tokenizer().save_pretrained(lm_dir)
-        cfg = Qwen3Config(**QWEN3_0_6B, eos_token_id=0, bos_token_id=None, pad_token_id=None)
+        bench_tokenizer(lm_shape_["vocab_size"]).save_pretrained(lm_dir)
+        cfg = Qwen3Config(**lm_shape_, eos_token_id=0, bos_token_id=None, pad_token_id=None)
         Qwen3ForCausalLM(cfg).save_pretrained(lm_dir)
     if not (clip_dir / "config.json").is_file():
         # The script keeps only the vision tower and the projection; a tiny text tower saves disk and time.
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                     vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-        CLIPModel(CLIPConfig(text_config=text, vision_config=CLIP_B32_VISION,
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision_shape,
                              projection_dim=CLIP_PROJECTION)).save_pretrained(clip_dir)
-        CLIPImageProcessor().save_pretrained(clip_dir)  # the real CLIP preprocessing: 224 crop, CLIP mean/std
+        size = vision_shape["image_size"]  # the real CLIP preprocessing: 224 crop, CLIP mean/std
+        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(clip_dir)
     return {"lm": lm_dir, "clip": clip_dir, "images": build_images(root / "images", num_images, seed)}
 
 
@@ -467,7 +475,7 @@ def run_memory_worker(recipe: str, args, assets: dict, root: Path, overrides: di
            json.dumps({k: str(v) for k, v in assets.items()}), "--_overrides", json.dumps(overrides or {}),
            "--workdir", str(root), "--batch-size", str(args.batch_size), "--eval-batch-size",
            str(args.eval_batch_size), "--device", args.device, "--top-k", str(args.top_k),
-           "--num-workers", str(args.num_workers)]
+           "--num-workers", str(args.num_workers)] + (["--tiny"] if args.tiny else [])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -566,6 +574,20 @@ def measure_memory(recipes: list[Recipe], steps, args, assets, root, device, say
             say(f"memory: one {r.name} step in a fresh subprocess")
             out[r.name] = run_memory_worker(r.name, args, assets, root)
     return out
+
+
+def measure_checkpoints(recipe: Recipe, cfg, root: Path) -> dict:
+    """Sizes on disk of a run's newest checkpoint (weights + AdamW + RNG) and of an older one (weights only),
+    written by the script's own save_checkpoint after the recipe's steps (its AdamW state exists)."""
+    folder = root / "checkpoint-sizes"
+    run_cfg = dataclasses.replace(cfg, output_dir_models=str(folder))
+    for epoch in (1, 2):
+        mtl.save_checkpoint(recipe.model, recipe.opt, run_cfg, epoch, 0, {}, None)
+    sizes = {"newest_bytes": mtl.checkpoint_path(run_cfg, 2).stat().st_size,
+             "older_bytes": mtl.checkpoint_path(run_cfg, 1).stat().st_size,
+             "trainable_parameters": sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)}
+    shutil.rmtree(folder, ignore_errors=True)
+    return sizes
 
 
 FITS_24GB = 22.5 * 2**30  # allocator bytes that fit a 24 GiB card: 1.5 GiB left for the CUDA context and workspaces
@@ -857,7 +879,7 @@ def build_recipes(names, model, encoder, cfg, assets, root, args, say) -> list[R
 def run_benchmark(args, root: Path, say) -> dict:
     say(f"building real-shape random models and {args.images} JPEGs in {root}")
     t = time.perf_counter()
-    assets = build_assets(root, args.images, seed=0)
+    assets = build_assets(root, args.images, seed=0, tiny=args.tiny)
     build_s = time.perf_counter() - t
     cfg, encoder, model, split = load_bench(assets, root, args)
     device, dtype = model.device, model.dtype
@@ -868,7 +890,8 @@ def run_benchmark(args, root: Path, say) -> dict:
          "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": cfg.batch_size,
          "top_k": cfg.top_k, "timed_steps": args.steps, "warmup_steps": args.warmup, "shape": shape,
          "parameters": {"lm_and_adapter": total_params, "trainable": trainable, "encoder": encoder_params},
-         "build_seconds": build_s, "command": " ".join(sys.argv)}
+         "build_seconds": build_s, "command": " ".join(sys.argv),
+         "shapes": "toy shapes (--tiny: the figures mean nothing)" if args.tiny else "Qwen3-0.6B + CLIP ViT-B/32 shapes"}
     say(f"device {device} ({R['device_name']}), {dtype}, {torch.get_num_threads()} threads; "
         f"{total_params / 1e6:.0f}M LM+adapter parameters, {trainable / 1e6:.1f}M trainable")
     R["features"] = measure_features(cfg, encoder, device, say)
@@ -885,6 +908,7 @@ def run_benchmark(args, root: Path, say) -> dict:
              True: step_batches(model, pixel_split(train, encoder, store, {r.image_id: r for r in records}), cfg, n)}
     R["train"] = measure_training(recipes, steps, shape, cfg, args, device, say)
     R["memory"] = measure_memory(recipes, steps, args, assets, root, device, say)
+    R["checkpoints"] = measure_checkpoints(next(r for r in recipes if r.name == "eager"), cfg, root)
     if args.max_batch and device.type == "cuda" and any(r.name == "fast" for r in recipes):
         R["max_batch"] = measure_max_batch(next(r for r in recipes if r.name == "fast"), cfg, say)
 
@@ -902,7 +926,7 @@ def run_benchmark(args, root: Path, say) -> dict:
     gc.collect()
     compare(R)
     print_table(R)
-    if device.type == "cpu":
+    if device.type == "cpu" and not args.tiny:
         R["estimate"] = print_estimate(args, device, lm_cfg, shape, trainable, total_params - trainable,
                                        encoder_params, check=R)
     return R
@@ -942,7 +966,7 @@ def print_table(R: dict) -> None:
     rec = tr["recipes"]
     names = list(rec)
     print(f"\n### bench_train.py — {R['device_name']} ({R['device']}, {R['dtype']}, {R['threads']} threads), "
-          f"Qwen3-0.6B + CLIP ViT-B/32 shapes, batch {R['batch_size']}, TOP_K={R['top_k']}\n")
+          f"{R['shapes']}, batch {R['batch_size']}, TOP_K={R['top_k']}\n")
     print("| training step | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     rows = [("samples/s", lambda r: f"{r['samples_per_s']:.2f}"),
@@ -971,6 +995,9 @@ def print_table(R: dict) -> None:
     print(f"{tr['useful_flops_per_step'] / 1e9:.0f} useful GFLOP per step, {tr['mean_caption_tokens']:.1f} supervised "
           f"tokens per caption, {tr['useful_position_share']:.0%} of the positions the eager step computes are "
           f"useful (plain: {tr['plain_useful_position_share']:.0%})")
+    c = R["checkpoints"]
+    print(f"checkpoint of {c['trainable_parameters']:,} trainable parameters: newest of a run (weights + AdamW + RNG) "
+          f"{gb(c['newest_bytes'])}, older epochs (weights only) {gb(c['older_bytes'])}")
     if "max_batch" in R:
         mb = R["max_batch"]
         probes = ", ".join(f"{b}: {gb(p['peak_bytes'])}, {p['samples_per_s']:.0f} samples/s" for b, p in mb["probes"].items())
@@ -1021,6 +1048,8 @@ def parse_args(argv=None):
     p.add_argument("--utilisation", type=float, default=0.35,
                    help="GPU estimate: assumed useful FLOP/s as a share of the bf16 peak (default 0.35)")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    p.add_argument("--tiny", action="store_true", help="toy widths instead of the real shapes: checks the benchmark "
+                                                        "itself in seconds, its figures mean nothing")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_assets", help=argparse.SUPPRESS)
     p.add_argument("--_overrides", help=argparse.SUPPRESS)
@@ -1044,7 +1073,7 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     try:
         if args.variants or args.e2e:
-            assets = build_assets(root, args.images, seed=0)
+            assets = build_assets(root, args.images, seed=0, tiny=args.tiny)
             result = {"variants": measure_variants(assets, root, args, say)} if args.variants else {}
             if args.e2e:
                 result["e2e"] = run_e2e(assets, root, args, say)

@@ -299,6 +299,12 @@ def trained(shared_env):
     return {"env_a": env_a, "env_d": env_d, "A": root / "A", "D": root / "D", **res}
 
 
+def prefix_embeds(model, features: torch.Tensor) -> torch.Tensor:
+    """[visual tokens][prompt tokens] of each image, as the model feeds them to the LM: (B, V + P, H)."""
+    ids = torch.tensor(model.prompt_ids, dtype=torch.long).repeat(len(features), 1)
+    return model.embed(features, ids)
+
+
 @pytest.fixture(scope="session")
 def qformer_runs(shared_env, tiny_vit_dir):
     """ADAPTER=qformer with each encoder: run A (2 epochs, its epoch 1 keeping its resume state), then side

@@ -128,9 +128,12 @@ def test_several_bad_values_are_reported_together_in_process(tmp_path):
 
 
 def test_top_k_is_checked_against_the_lm_once_its_config_is_known(config_from_env):
-    mtl.load_lm_config(config_from_env(top_k=2))  # 2 of 2 blocks: allowed
+    cfg = config_from_env(top_k=3)
+    layers = mtl.read_lm_config(cfg).num_hidden_layers  # the fixture LM's config.json only
+    assert layers == 2
+    mtl.check_top_k(config_from_env(top_k=2), layers)  # 2 of 2 blocks: allowed
     with pytest.raises(mtl.UserError) as err:
-        mtl.load_lm_config(config_from_env(top_k=3))
+        mtl.check_top_k(cfg, layers)
     assert err.value.exit_code == 2 and "TOP_K=3" in str(err.value) and "0..2" in str(err.value)
 
 

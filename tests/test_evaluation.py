@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
-from conftest import ROOT
+from conftest import ROOT, prefix_embeds
 
 JAVA = pytest.mark.skipif(not mtl.shutil.which("java"), reason="needs Java (PTB tokenizer, METEOR)")
 
@@ -47,7 +47,7 @@ def manual_greedy(model, features: torch.Tensor, max_new_tokens: int) -> list[li
     cache), one image at a time, stopping at EOS. Returns the new token ids without the EOS."""
     eos, rows = model.tokenizer.eos_token_id, []
     for f in features:
-        embeds, ids = model.prefix_embeds(f[None]), []
+        embeds, ids = prefix_embeds(model, f[None]), []
         for _ in range(max_new_tokens):
             nxt = int(model.lm(inputs_embeds=embeds).logits[0, -1].argmax())
             if nxt == eos:
@@ -69,7 +69,7 @@ def manual_beam(model, features: torch.Tensor, max_new_tokens: int, num_beams: i
     best finished caption's token ids, without the EOS."""
     eos, embed, rows = model.tokenizer.eos_token_id, model.lm.get_input_embeddings(), []
     for f in features:
-        prefix = model.prefix_embeds(f[None])
+        prefix = prefix_embeds(model, f[None])
         beams, finished = [(0.0, [])], []  # (summed log-prob, tokens); (score, tokens)
         for _ in range(max_new_tokens):
             candidates = []
@@ -123,7 +123,7 @@ def test_greedy_generation_matches_a_manual_loop_and_stops_at_eos(decoder):
 def test_raw_generate_returns_only_new_tokens(decoder):
     """What `Captioner.generate` relies on: HF generate with inputs_embeds returns just the new ids."""
     cfg, model, features = decoder
-    prefix = model.prefix_embeds(features)
+    prefix = prefix_embeds(model, features)
     out = model.lm.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
                             max_new_tokens=cfg.max_new_tokens, do_sample=False,
                             eos_token_id=model.tokenizer.eos_token_id, pad_token_id=model.tokenizer.eos_token_id)
@@ -513,7 +513,7 @@ def test_retrieval_scores_are_mean_caption_log_likelihoods(tiny_model):
         for m, caption in enumerate(["a red circle", "the circle is red", "a blue square"]):
             ids = model.tokenizer(" " + caption, add_special_tokens=False)["input_ids"] + [model.tokenizer.eos_token_id]
             with torch.no_grad():
-                prefix = model.prefix_embeds(split.features[i: i + 1])
+                prefix = prefix_embeds(model, split.features[i: i + 1])
                 embeds = torch.cat([prefix, model.lm.get_input_embeddings()(torch.tensor([ids]))], dim=1)
                 logp = model.lm(inputs_embeds=embeds).logits[0].log_softmax(-1)
             p = prefix.shape[1]

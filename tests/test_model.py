@@ -1,7 +1,7 @@
 """Adapter and language model: adapter shapes for both encoders, a tokenizer without pad or BOS,
 labels that supervise only caption + EOS, exactly the top K blocks (and the adapter) trainable, the
 loss computed at label positions only and unchanged by padding, the precision policy, the attention
-kernel and COMPILE, and remote code only when TRUST_REMOTE_CODE says so."""
+kernel, the fixed shapes of the compiled fast path, and remote code only when TRUST_REMOTE_CODE says so."""
 from __future__ import annotations
 
 import ast
@@ -89,14 +89,14 @@ def test_label_positions_loss_equals_the_full_logits_loss(tiny_model):
     assert model.dtype == torch.float32
     model.train()
     features, caps = batch(model, encoder)
-    ours = model.loss(features, caps)
+    ours = model(features, caps)
     embeds, mask, labels = model.build_inputs(features, caps)
     full = full_logits_loss(model, embeds, mask, labels)
     assert abs(ours.item() - full.item()) < 1e-5, (ours.item(), full.item())
 
     # the gradients agree too (the adapter and the unfrozen blocks learn the same thing)
     params = [p for p in model.parameters() if p.requires_grad]
-    g_ours = torch.autograd.grad(model.loss(features, caps), params)
+    g_ours = torch.autograd.grad(model(features, caps), params)
     embeds, mask, labels = model.build_inputs(features, caps)
     g_full = torch.autograd.grad(full_logits_loss(model, embeds, mask, labels), params)
     for a, b in zip(g_ours, g_full):
@@ -109,7 +109,7 @@ def test_lm_head_runs_only_at_supervised_positions(tiny_model):
     seen = []
     handle = model.lm.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     try:
-        model.loss(features, caps)
+        model(features, caps)
     finally:
         handle.remove()
     supervised = sum(len(c) for c in caps)  # caption tokens + EOS of every row
@@ -140,7 +140,7 @@ def test_per_caption_likelihoods_are_the_full_logits_ones(tiny_model):
 def test_dynamic_padding_gives_the_fixed_padding_loss(tiny_model):
     cfg, encoder, model = tiny_model(TOP_K=1)
     features, caps = batch(model, encoder)
-    ours = model.loss(features, caps)
+    ours = model(features, caps)
     embeds, mask, labels = model.build_inputs(features, caps)
     longest = max(len(c) for c in caps)
     assert embeds.shape[1] == model.adapter.num_tokens + len(model.prompt_ids) + longest  # padded to the batch only
@@ -182,7 +182,7 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trainable_ones_in_fp32(tiny_model
     assert all(p.dtype == torch.bfloat16 for p in frozen)
     assert all(p.dtype == torch.bfloat16 for p in encoder.parameters())
     features, caps = batch(model, encoder)
-    loss = model.loss(features, caps)
+    loss = model(features, caps)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
@@ -194,12 +194,12 @@ def test_bf16_loss_is_close_to_the_fp32_loss(tiny_model):
     _, _, bf16 = tiny_model(DTYPE="bf16")
     bf16.adapter.load_state_dict(fp32.adapter.state_dict())
     features, caps = batch(fp32, encoder)
-    a, b = fp32.loss(features, caps).item(), bf16.loss(features, caps).item()
+    a, b = fp32(features, caps).item(), bf16(features, caps).item()
     assert abs(a - b) < 0.02 * abs(a), (a, b)
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention kernel and COMPILE=1
+# Attention kernel and the compiled fast path
 # ---------------------------------------------------------------------------------------------
 
 def test_the_lm_uses_pytorch_sdpa_attention(tiny_model):
@@ -207,15 +207,46 @@ def test_the_lm_uses_pytorch_sdpa_attention(tiny_model):
     assert model.lm.config._attn_implementation == "sdpa"
 
 
-def test_compile_wraps_exactly_the_unfrozen_blocks(tiny_model):
-    """COMPILE=1 compiles each trainable block on its own (the frozen stack stays eager); compiling
-    happens lazily at the first call, so building stays fast."""
-    _, _, model = tiny_model(COMPILE="1", TOP_K=1)
-    blocks = list(mtl.decoder_blocks(model.lm))
-    compiled = [getattr(b, "_compiled_call_impl", None) is not None for b in blocks]
-    assert compiled == [False] * (len(blocks) - 1) + [True]
-    _, _, eager = tiny_model(COMPILE="0", TOP_K=1)
-    assert not any(getattr(b, "_compiled_call_impl", None) is not None for b in mtl.decoder_blocks(eager.lm))
+@pytest.mark.parametrize("compile_,device,expected", [("auto", "cpu", False), ("auto", "cuda", True),
+                                                      ("1", "cpu", True), ("0", "cuda", False)])
+def test_compile_auto_means_the_fast_path_on_cuda_only(config_from_env, compile_, device, expected):
+    assert mtl.wants_compile(config_from_env(compile=compile_), mtl.torch.device(device)) is expected
+
+
+def test_fixed_shapes_pad_to_length_buckets_and_full_batches(tiny_model):
+    """The compiled fast path sees at most LENGTH_BUCKETS text lengths per batch size, whatever the
+    caption lengths; padding rows and positions are never supervised, and the loss does not move."""
+    cfg, encoder, model = tiny_model(BATCH_SIZE=8, EVAL_BATCH_SIZE=16, MAX_CAPTION_TOKENS=48)
+    prompt = len(model.prompt_ids)
+    longest = prompt + 48 + 1
+    assert model.length_buckets[-1] == longest and len(model.length_buckets) <= mtl.LENGTH_BUCKETS
+    features, caps = batch(model, encoder)
+    eager = model(features, caps).item()
+    model.fixed_shapes = True
+    shapes = set()
+    for training, rows in ((True, 8), (False, 16)):
+        model.train(training)
+        for n in range(1, 49):  # every caption length (EOS included) the config allows
+            ids, mask, labels = model.layout([[7] * n, [7] * max(1, n // 2)])
+            shapes.add((training, tuple(ids.shape)))
+            assert ids.shape[0] == rows and ids.shape[1] >= prompt + n
+            assert (labels[2:] == -100).all() and (mask[2:] == 1).all()  # filler rows: attended, never supervised
+            assert (labels[0] != -100).sum() == n and (labels[1] != -100).sum() == max(1, n // 2)
+    assert len(shapes) <= 2 * mtl.LENGTH_BUCKETS, sorted(shapes)
+    assert {s[1][1] for s in shapes} <= set(model.length_buckets)
+    model.train()
+    assert model(features, caps).item() == pytest.approx(eager, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 fast path)")
+def test_fast_path_bf16_loss_equals_eager_bf16_on_cuda(tiny_model):
+    cfg, encoder, model = tiny_model(DEVICE="cuda", DTYPE="bf16", COMPILE="0")
+    features, caps = batch(model, encoder)
+    model.train()
+    eager = model(features, caps).item()
+    mtl.use_fast_path(model, training=True)
+    assert model.decode != model.decode_eager
+    assert model(features, caps).item() == pytest.approx(eager, rel=0.02)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,10 +21,10 @@ from conftest import error_lines, explain, parallel, qformer_checkpoint, run_scr
 
 def test_training_iterates_over_every_caption_pair(tiny_model, image_folder):
     cfg, encoder, model = tiny_model()
-    splits, by_id, _ = mtl.prepare_data(cfg, encoder, model)
+    splits, by_id, _ = mtl.prepare_data(cfg, mtl.load_records(cfg), encoder, model)
     train = splits["train"]
     assert len(train.pairs) == sum(len(by_id[i].captions) for i in train.ids) == 3 * len(train.ids)
-    seen = [p for feats, caps in mtl.batches(train, 7, mtl.epoch_order(len(train.pairs), 0, 1)) for p in caps]
+    seen = [p for feats, caps, _ in mtl.batches(train, 7, mtl.epoch_order(len(train.pairs), 0, 1)) for p in caps]
     assert sorted(map(tuple, seen)) == sorted(tuple(c) for _, c in train.pairs)
 
 
@@ -46,7 +46,7 @@ def test_optimizer_steps_change_only_trainable_weights(tiny_model):
     opt = mtl.make_optimizer(model, cfg)
     caps = model.tokenize_captions(["a red circle", "the square is blue", "a photo of a green circle"])
     for _ in range(3):
-        model.loss(torch.randn(3, 24), caps).backward()
+        model(torch.randn(3, 24), caps).backward()
         opt.step()
         opt.zero_grad()
     trainable = set(model.trainable_names())
@@ -57,6 +57,105 @@ def test_optimizer_steps_change_only_trainable_weights(tiny_model):
             assert torch.equal(p, before[n]), f"frozen {n} changed"
     assert {g["name"] for g in opt.param_groups} == {"adapter", "lm"}
     assert [g["base_lr"] for g in opt.param_groups] == [cfg.lr_adapter, cfg.lr_qwen]
+
+
+def gradients_at_step(model, opt) -> list[dict[str, torch.Tensor]]:
+    """Record the gradients the optimizer sees each time it steps."""
+    seen, step = [], opt.step
+
+    def recording_step(*args, **kwargs):
+        seen.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+    opt.step = recording_step
+    return seen
+
+
+def test_each_step_averages_the_micro_batches_it_holds_including_a_short_last_one(tiny_model):
+    """GRAD_ACCUM=2 over 3 micro-batches: the first step's gradient is the mean of two micro-batch
+    gradients, the last step's is its one micro-batch's gradient (not half of it)."""
+    cfg, encoder, model = tiny_model(BATCH_SIZE=4, GRAD_ACCUM=2, GRAD_CLIP=0)
+    captions = ["a red circle", "the square is blue", "a photo of a green circle", "a big yellow square"] * 3
+    pairs = list(zip(range(12), model.tokenize_captions(captions)))
+    split = mtl.Split([f"i{n}" for n in range(12)], torch.randn(12, encoder.dim, generator=torch.Generator().manual_seed(0)),
+                      [[c] for c in captions], pairs)
+    steps = list(mtl.optimizer_steps(model, split, cfg, 1))
+    assert [len(s) for s in steps] == [2, 1]
+
+    def gradient(micro_batch) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(*micro_batch).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    g1, g2, g3 = gradient(steps[0][0]), gradient(steps[0][1]), gradient(steps[1][0])
+    model.zero_grad(set_to_none=True)
+    opt = mtl.make_optimizer(model, cfg)
+    seen = gradients_at_step(model, opt)
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mtl.train_step(model, opt, steps[1], cfg.grad_clip)   # the short step first, on the untouched weights
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(state[n])
+    mtl.train_step(model, opt, steps[0], cfg.grad_clip)
+    assert set(seen[0]) == set(g3) and set(seen[1]) == set(g1)
+    for n in g3:
+        torch.testing.assert_close(seen[0][n], g3[n], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(seen[1][n], (g1[n] + g2[n]) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_fast_path_gives_the_eager_losses_over_an_epoch(tiny_model):
+    """COMPILE=1 on CPU (inductor): the same losses as eager, step by step, within 1e-4 relative."""
+    cfg, encoder, eager = tiny_model(TOP_K=1, BATCH_SIZE=7)
+    _, _, fast = tiny_model(TOP_K=1, BATCH_SIZE=7)  # the same SEED: the same initial weights
+    splits, _, _ = mtl.prepare_data(cfg, mtl.load_records(cfg), encoder, eager)
+    mtl.use_fast_path(fast, training=True)
+    assert fast.decode != fast.decode_eager and fast.fixed_shapes  # it compiled, it did not fall back
+    losses = {}
+    for name, model in (("eager", eager), ("fast", fast)):
+        opt = mtl.make_optimizer(model, cfg)
+        model.train()
+        losses[name] = [mtl.train_step(model, opt, micro, cfg.grad_clip).item()
+                        for micro in mtl.optimizer_steps(model, splits["train"], cfg, 1)]
+    assert len(losses["eager"]) == 14  # 32 train images x 3 captions, 7 per step: the last one holds 5 (padded)
+    for a, b in zip(losses["eager"], losses["fast"]):
+        assert b == pytest.approx(a, rel=1e-4), losses
+
+
+GRAPH_COUNT = """
+import functools, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import multimodal_transfer_learning as mtl
+torch.compile = functools.partial(torch.compile, backend="aot_eager")
+cfg = mtl.load_config(dict(os.environ))
+encoder, model = mtl.build_model(cfg, *mtl.resolve_device(cfg))
+mtl.use_fast_path(model, training=True)
+opt = mtl.make_optimizer(model, cfg)
+features = torch.randn(cfg.batch_size, encoder.dim)
+for n in range(1, cfg.max_caption_tokens + 1):  # every caption length, EOS included
+    model.train()
+    mtl.train_step(model, opt, [(features, [[5] * n] * cfg.batch_size, None)], cfg.grad_clip)
+    model.eval()
+    with torch.no_grad():
+        model.caption_log_likelihood(features[:3], [[5] * n, [5] * max(1, n // 3), [5]])
+print("buckets", len(model.length_buckets))
+"""
+
+
+def test_fast_path_compiles_at_most_8_graphs_for_caption_lengths_1_to_48(base_env):
+    """Counted from TORCH_LOGS=recompiles, training and evaluation shapes for every caption length.
+    Dynamo decides the graphs (guards on shapes and grad mode); the backend only turns each graph
+    into kernels, so the light aot_eager backend stands in for inductor here (the loss equality
+    above runs inductor itself)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {**base_env, "TORCH_LOGS": "recompiles", "MAX_CAPTION_TOKENS": "47", "BATCH_SIZE": "4", "EVAL_BATCH_SIZE": "8"}
+    res = subprocess.run([sys.executable, "-c", GRAPH_COUNT, str(ROOT)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recompiles = res.stderr.count("Recompiling function decode_eager")
+    buckets = int(re.search(r"buckets (\d+)", res.stdout).group(1))
+    assert recompiles + 1 == 2 * buckets <= 8, (recompiles, buckets)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
