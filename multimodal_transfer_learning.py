@@ -854,9 +854,33 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
             raise UserError(f"DEVICE={cfg.device} but no CUDA GPU is visible (set DEVICE=auto or cpu)", exit_code=2)
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise UserError("DEVICE=mps but MPS is not available (set DEVICE=auto or cpu)", exit_code=2)
+    check_tuning_support(cfg, device)  # here, so that every command judges it before any download
     if cfg.dtype == "fp32" or (cfg.dtype == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
         return device, torch.float32
     return device, torch.bfloat16
+
+
+def check_tuning_support(cfg: Config, device: torch.device) -> None:
+    """TUNING=lora needs peft, QLORA=1 also bitsandbytes and a CUDA GPU; all optional, so the default
+    recipe never imports them."""
+    if cfg.tuning != "lora":
+        return
+    require_package("peft", "TUNING=lora")
+    if not cfg.qlora:
+        return
+    if device.type != "cuda":
+        raise UserError(f"QLORA=1 needs a CUDA GPU (bitsandbytes 4-bit kernels) and the device is {device}: "
+                        "set QLORA=0 to train LoRA on the unquantized LM", exit_code=2)
+    require_package("bitsandbytes", "QLORA=1")
+    require_package("accelerate", "QLORA=1")  # transformers places quantized weights through it
+
+
+def require_package(name: str, needed_by: str) -> None:
+    import importlib
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"{needed_by} needs the optional package {name} ({e}): pip install {name}", exit_code=2) from None
 
 
 def read_lm_config(cfg: Config):
@@ -872,12 +896,23 @@ def load_language_model(cfg: Config, device, dtype):
     kw = dict(token=cfg.hf_token or None, trust_remote_code=cfg.trust_remote_code)
     tokenizer = call_hub("LM_MODEL", cfg.lm_model, AutoTokenizer.from_pretrained, cfg.lm_model, **kw)
     lm = call_hub("LM_MODEL", cfg.lm_model, AutoModelForCausalLM.from_pretrained, cfg.lm_model, dtype=dtype,
-                  attn_implementation="sdpa", **kw)
+                  attn_implementation="sdpa", **quantization_kwargs(cfg, device, dtype), **kw)
     if tokenizer.eos_token_id is None:
         raise UserError(f"LM_MODEL={cfg.lm_model}: its tokenizer has no EOS token, so captions could not end")
     if tokenizer.pad_token_id is None:  # Qwen3-Base may ship without one; pads are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    return lm.to(device), tokenizer
+    return (lm if cfg.qlora else lm.to(device)), tokenizer
+
+
+def quantization_kwargs(cfg: Config, device, dtype) -> dict:
+    """QLORA=1: load the LM's linear layers in 4-bit NF4, straight onto the GPU (a 4-bit model cannot be
+    moved with .to); they compute in DTYPE. Embeddings, norms and the head stay in DTYPE."""
+    if not cfg.qlora:
+        return {}
+    from transformers import BitsAndBytesConfig
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                      bnb_4bit_use_double_quant=True)
+    return {"quantization_config": quantization, "device_map": {"": device}}
 
 
 def freeze_except_top_k(lm, top_k: int) -> list[nn.Module]:
@@ -890,6 +925,39 @@ def freeze_except_top_k(lm, top_k: int) -> list[nn.Module]:
     for block in top:
         block.float().requires_grad_(True)
     return top
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def choose_trainable(lm, cfg: Config) -> None:
+    """TUNING: the LM trains its top TOP_K blocks, or LoRA matrices on every block (TOP_K is then ignored)."""
+    if cfg.tuning == "lora":
+        add_lora(lm, cfg)
+    else:
+        freeze_except_top_k(lm, cfg.top_k)
+
+
+def add_lora(lm, cfg: Config) -> None:
+    """Freeze the whole LM, then add LoRA matrices to the attention and MLP projections of every block.
+
+    peft injects them in place, so the LM stays an ordinary transformers model: generation, the compiled
+    fast path and `decoder_base` work unchanged. peft creates them in the base weights' dtype; they are
+    kept in fp32 since they are trained (the frozen base may be bf16 or 4-bit)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    lm.requires_grad_(False)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(LORA_TARGETS), bias="none")
+    try:
+        inject_adapter_in_model(lora, lm)
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        raise UserError(f"TUNING=lora: LM_MODEL={cfg.lm_model} has none of the projections LoRA targets "
+                        f"({', '.join(LORA_TARGETS)}); use TUNING=topk", exit_code=2) from None
+    for name, module in lm.named_modules():
+        if name.endswith((".lora_A", ".lora_B")):
+            module.float()
 
 
 def decoder_base(lm):
@@ -911,7 +979,7 @@ class Captioner(nn.Module):
         self.lm, self.tokenizer, self.device, self.dtype = lm, tokenizer, device, dtype
         hidden = lm.get_input_embeddings().embedding_dim
         self.adapter = make_adapter(cfg, feature_shape, hidden).to(device)
-        self.top_blocks = freeze_except_top_k(lm, cfg.top_k)
+        choose_trainable(lm, cfg)  # after the adapter, whose initialisation is then the same for every TUNING
         self.prompt_ids = self.tokenize_prompt(cfg.prompt)
         # PROMPTS: training draws one of these per pair, so that the model does not overfit one wording
         self.train_prompt_ids = [self.tokenize_prompt(p.strip()) for p in cfg.prompts.split(";") if p.strip()]
@@ -1743,9 +1811,8 @@ def load_weights(model: Captioner, ckpt: dict) -> None:
         why = (f"it lacks {len(missing)} trainable weights (e.g. {missing[0]})" if missing else
                f"it holds {len(unknown)} weights the model has not (e.g. {unknown[0]})" if unknown else
                f"{reshaped[0]} is {tuple(saved[reshaped[0]].shape)} in it, {tuple(own[reshaped[0]].shape)} in the model")
-        raise UserError(f"the checkpoint does not fit the model built from its settings ({ckpt['config'].get('adapter')} "
-                        f"adapter, {ckpt['config'].get('vision_encoder')} encoder): {why}; was it written by another "
-                        "version, or were the models at VISION_MODEL/LM_MODEL replaced since?")
+        raise UserError(f"the checkpoint does not fit the model built from its settings: {why}; was it written by "
+                        "another version, or were the models at VISION_MODEL/LM_MODEL replaced since?")
     model.load_state_dict(saved, strict=False)
 
 
@@ -1998,20 +2065,38 @@ def banner(cfg: Config, device, dtype, splits=None, model=None) -> None:
         log.info("data: " + ", ".join(f"{k} {len(s.ids)} images / {len(s.pairs)} captions" for k, s in splits.items()))
     if model is not None:
         log.info(describe_adapter(model))
-        total, trainable = count_parameters(model)
-        log.info(f"parameters: {total:,} in adapter + LM, {trainable:,} trainable ({trainable / total:.2%}); "
-                 f"top {cfg.top_k} of {len(decoder_blocks(model.lm))} LM blocks unfrozen")
+        counts = parameter_counts(model)
+        log.info(f"parameters: adapter {counts['adapter']:,} trainable; LM {counts['lm']:,} trainable "
+                 f"({lm_tuning(cfg, model)}); {counts['frozen']:,} frozen")
+
+
+def parameter_counts(model: Captioner) -> dict[str, int]:
+    """Trainable parameters of the adapter and of the LM, and the frozen ones, counted as the weights they
+    stand for: a 4-bit tensor packs two per byte, its quant_state knows the real shape."""
+    def numel(p) -> int:
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        return math.prod(shape) if shape is not None else p.numel()
+    return {"adapter": sum(numel(p) for p in model.adapter.parameters() if p.requires_grad),
+            "lm": sum(numel(p) for p in model.lm.parameters() if p.requires_grad),
+            "frozen": sum(numel(p) for p in model.parameters() if not p.requires_grad)}
+
+
+def lm_tuning(cfg: Config, model: Captioner) -> str:
+    """What of the LM trains, in words."""
+    blocks = len(decoder_blocks(model.lm))
+    if cfg.tuning == "topk":
+        return f"top {cfg.top_k} of {blocks} blocks"
+    frozen = "frozen weights in 4-bit NF4, " if cfg.qlora else ""
+    return (f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout} on "
+            f"{'/'.join(LORA_TARGETS)} of all {blocks} blocks; {frozen}TOP_K is ignored")
 
 
 def describe_adapter(model: Captioner) -> str:
     adapter, shape = model.adapter, model.feature_shape
     if isinstance(adapter, QFormer):
-        what = (f"qformer, {adapter.num_tokens} queries x {len(adapter.blocks)} layers cross-attending "
-                f"{shape[0]} patch tokens of width {shape[1]}")
-    else:
-        what = f"mlp, one {shape[0]}-d image embedding -> {adapter.num_tokens} tokens"
-    params = sum(p.numel() for p in adapter.parameters())
-    return f"adapter: {what}, LM width {adapter.lm_dim}; {params:,} parameters"
+        return (f"adapter: qformer, {adapter.num_tokens} queries x {len(adapter.blocks)} layers cross-attending "
+                f"{shape[0]} patch tokens of width {shape[1]} -> LM width {adapter.lm_dim}")
+    return f"adapter: mlp, one {shape[0]}-d image embedding -> {adapter.num_tokens} tokens of LM width {adapter.lm_dim}"
 
 
 def wandb_footer(run) -> str:

@@ -55,6 +55,23 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     return path
 
 
+# tiny_lm_dir's projection shapes (d_in, d_out): hidden 32, MLP 64, 4 query heads and 2 key/value heads of 16.
+FIXTURE_PROJECTIONS = {"self_attn.q_proj": (32, 64), "self_attn.k_proj": (32, 32), "self_attn.v_proj": (32, 32),
+                       "self_attn.o_proj": (64, 32), "mlp.gate_proj": (32, 64), "mlp.up_proj": (32, 64),
+                       "mlp.down_proj": (64, 32)}
+
+
+def lora_names_and_shapes(rank: int, blocks: int = 2) -> dict[str, tuple[int, int]]:
+    """What peft's LoRA on every projection of every block must add: A (rank, d_in) and B (d_out, rank)."""
+    out = {}
+    for block in range(blocks):
+        for proj, (d_in, d_out) in FIXTURE_PROJECTIONS.items():
+            prefix = f"lm.model.layers.{block}.{proj}"
+            out[f"{prefix}.lora_A.default.weight"] = (rank, d_in)
+            out[f"{prefix}.lora_B.default.weight"] = (d_out, rank)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -286,14 +303,17 @@ def shared_env(tmp_path_factory, tiny_lm_dir, tiny_clip_dir):
 def trained(shared_env):
     """Run A (2 epochs, fake HF_TOKEN/WANDB_API_KEY, DEBUG logging so the most text is written) and
     run D (same config and SEED, no secrets, another folder) side by side, then A's --test.
-    A feeds the secrets scan (test_cli.py) and resume, the NaN guard and determinism (test_training.py)."""
+    D cannot write its epoch-2 checkpoint (a folder stands in the way), so it stops there and its epoch-1
+    checkpoint stays the newest, with the optimizer state a resume needs (older epochs drop it).
+    A feeds the secrets scan (test_cli.py); A and D feed resume, the NaN guard and determinism (test_training.py)."""
     root, env = shared_env
     env_a = env("A", HF_TOKEN=HF_FAKE, WANDB_API_KEY=WANDB_FAKE, LOG_LEVEL="DEBUG")
     env_d = env("D")
+    (root / "D" / "models" / "2_clip_top1.pt").mkdir(parents=True)
     res = parallel({"A train": lambda: run_script(["--train"], env_a),
                     "D train": lambda: run_script(["--train"], env_d)})
     assert res["A train"].returncode == 0, explain(res["A train"])
-    assert res["D train"].returncode == 0, explain(res["D train"])
+    assert res["D train"].returncode == 1 and "could not write" in res["D train"].stderr, explain(res["D train"])
     res["A test"] = run_script(["--test"], env_a)
     assert res["A test"].returncode == 0, explain(res["A test"])
     return {"env_a": env_a, "env_d": env_d, "A": root / "A", "D": root / "D", **res}
@@ -307,48 +327,42 @@ def prefix_embeds(model, features: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def qformer_runs(shared_env, tiny_vit_dir):
-    """ADAPTER=qformer with each encoder: run A (2 epochs, its epoch 1 keeping its resume state), then side
-    by side: B = A's epoch 1 resumed to epoch 2, A's --test, and A's --caption --explain of photo.png and of
-    a missing file; with CLIP also C = that resume with absurd learning rates (the NaN guard), and A's
-    epoch 1 resumed with ADAPTER=mlp. Returns {"root": folder, "image": photo.png, (encoder, job): the
-    finished process}; run X of an encoder writes under root/qformer/{encoder}/X."""
+    """ADAPTER=qformer with each encoder: run A (2 epochs) beside run D, the same but with a folder where its
+    epoch-2 checkpoint goes, so that it stops there with epoch 1 the newest checkpoint (keeping the resume
+    state). Then side by side: D resumed to epoch 2 once the folder is gone, A's --test, A's --caption
+    --explain of photo.png and of a missing file; with CLIP also C = D's epoch 1 resumed with absurd
+    learning rates (the NaN guard), and A's epoch 1 resumed with ADAPTER=mlp. Returns {"root": folder,
+    "image": photo.png, (encoder, job): the finished process}; run X of an encoder writes under
+    root/qformer/{encoder}/X."""
     root, env = shared_env
     vision = {"clip": {}, "vit": {"VISION_ENCODER": "vit", "VISION_MODEL": str(tiny_vit_dir)}}
     envs = {(kind, name): env(f"qformer/{kind}/{name}", ADAPTER="qformer", **vision[kind], **extra)
-            for kind in vision for name, extra in (("A", {}), ("B", {}), ("C", {"LR_ADAPTER": "1e30", "LR_QWEN": "1e30"}))}
+            for kind in vision for name, extra in (("A", {}), ("D", {}), ("C", {"LR_ADAPTER": "1e30", "LR_QWEN": "1e30"}))}
+    models = {key: Path(e["OUTPUT_DIR_MODELS"]) for key, e in envs.items()}
     image = root / "qformer" / "photo.png"
     draw("blue", "circle", 64).save(image)
-    runs = parallel({(kind, "train"): lambda kind=kind: run_keeping_resume_state(["--train"], envs[kind, "A"])
-                     for kind in vision})
-    for res in runs.values():
-        assert res.returncode == 0, explain(res)
+    for kind in vision:
+        (models[kind, "D"] / f"2_{kind}_qformer_top1.pt").mkdir(parents=True)
+    runs = parallel({(kind, name): lambda kind=kind, name=name: run_script(["--train"], envs[kind, name])
+                     for kind in vision for name in ("A", "D")})
     jobs = {}
     for kind in vision:
-        first = Path(envs[kind, "A"]["OUTPUT_DIR_MODELS"]) / f"1_{kind}_qformer_top1.pt"
-        for name in ("B", "C"):
-            Path(envs[kind, name]["OUTPUT_DIR_MODELS"]).mkdir(parents=True)
-            shutil.copy(first, envs[kind, name]["OUTPUT_DIR_MODELS"])
-        jobs[kind, "resume"] = lambda kind=kind: run_script(["--train", "--resume"], envs[kind, "B"])
+        assert runs[kind, "A"].returncode == 0, explain(runs[kind, "A"])
+        assert runs[kind, "D"].returncode == 1 and "could not write" in runs[kind, "D"].stderr, explain(runs[kind, "D"])
+        (models[kind, "D"] / f"2_{kind}_qformer_top1.pt").rmdir()
+        jobs[kind, "resume"] = lambda kind=kind: run_script(["--train", "--resume"], envs[kind, "D"])
         jobs[kind, "test"] = lambda kind=kind: run_script(["--test"], envs[kind, "A"])
         jobs[kind, "explain"] = lambda kind=kind: run_script(
             ["--caption", "--explain", str(image), str(image.with_name("missing.png"))], envs[kind, "A"])
-    first = Path(envs["clip", "A"]["OUTPUT_DIR_MODELS"]) / "1_clip_qformer_top1.pt"
+    models["clip", "C"].mkdir(parents=True)
+    shutil.copy(models["clip", "D"] / "1_clip_qformer_top1.pt", models["clip", "C"])
     jobs["clip", "nan"] = lambda: run_script(["--train", "--resume"], envs["clip", "C"])
-    jobs["clip", "as mlp"] = lambda: run_script(["--train", "--resume", "--checkpoint", str(first)],
+    jobs["clip", "as mlp"] = lambda: run_script(["--train", "--resume", "--checkpoint",
+                                                 str(models["clip", "A"] / "1_clip_qformer_top1.pt")],
                                                 {**envs["clip", "A"], "ADAPTER": "mlp"})
     return {"root": root / "qformer", "image": image, **runs, **parallel(jobs)}
 
 
-def run_keeping_resume_state(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """The script run as by `run_script`, except that an epoch's checkpoint keeps its optimizer and RNG state
-    when the next one is saved: one uninterrupted run then gives both the weights to reach and a middle
-    checkpoint to resume from (what a run stopped after that epoch would have left)."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import multimodal_transfer_learning as m; "
-            "m.drop_resume_state = lambda path: None; sys.exit(m.main(sys.argv[2:]))")
-    return subprocess.run([sys.executable, "-c", code, str(ROOT), *args], env=env, cwd=Path(env["CACHE_DIR"]).parent,
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-
-
 def qformer_checkpoint(runs: dict, kind: str, name: str, epoch: int) -> dict:
-    """Checkpoint `epoch` of run `name` (A, B or C) of `qformer_runs` with encoder `kind`."""
+    """Checkpoint `epoch` of run `name` (A, C or D) of `qformer_runs` with encoder `kind`."""
     return torch.load(runs["root"] / kind / name / "models" / f"{epoch}_{kind}_qformer_top1.pt", weights_only=True)

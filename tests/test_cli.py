@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 import multimodal_transfer_learning as mtl
-from conftest import (ANSI, HF_FAKE, SCRIPT, WANDB_FAKE, draw, error_lines, explain, leftover_temp_files,
-                      parallel, qformer_checkpoint, run_script, text, wandb_records, wandb_runs)
+from conftest import (ANSI, FIXTURE_PROJECTIONS, HF_FAKE, SCRIPT, WANDB_FAKE, WORDS, draw, error_lines, explain,
+                      leftover_temp_files, lora_names_and_shapes, parallel, qformer_checkpoint, run_script, text,
+                      wandb_records, wandb_runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def wandb_config(run_file: Path) -> dict:
 
 @pytest.mark.parametrize("kind", ["clip", "vit"])
 def test_qformer_trains_and_every_output_carries_the_variant(qformer_runs, kind):
-    res = qformer_runs[kind, "train"]
+    res = qformer_runs[kind, "A"]
     banner = f"adapter: qformer, 2 queries x 2 layers cross-attending 17 patch tokens of width {VISION_WIDTH[kind]}"
     assert banner in text(res) and "patch tokens: encoded 40 images" in text(res)
     models = qformer_runs["root"] / kind / "A" / "models"
@@ -300,6 +301,8 @@ def cli_failures(shared_env):
         "--debug shows the traceback": (["--test", "--debug", "--checkpoint", str(garbage)], e),
         "LOG_LEVEL=DEBUG shows the traceback": (["--train"], {**e, "LM_MODEL": "Qwen/Qwen3-0.6B-Base",
                                                               "LOG_LEVEL": "DEBUG"}),
+        "QLORA=1 on CPU": (["--train"], {**e, "TUNING": "lora", "QLORA": "1", "LM_MODEL": "Qwen/Qwen3-0.6B-Base",
+                                         "DATASET": "lmms-lab/flickr30k"}),
     }
     # A hub that cannot be reached (not offline mode): the client retries with back-off for ~25 s, mostly
     # asleep, so that run waits in a thread of its own while the others go two at a time.
@@ -321,6 +324,14 @@ def test_several_bad_values_exit_2_all_named_before_any_download(cli_failures):
         assert s in out, f"{s} not reported:\n{out}"
     assert "Traceback" not in out and HF_FAKE[:12] not in out and HF_FAKE[12:] not in out
     assert "could not be fetched" not in out  # nothing was looked up on the hub before the config was judged
+
+
+def test_qlora_on_cpu_exits_2_saying_why_before_any_download(cli_failures):
+    res = cli_failures["QLORA=1 on CPU"]
+    assert res.returncode == 2, explain(res)
+    (line,) = error_lines(res)
+    assert "QLORA=1 needs a CUDA GPU (bitsandbytes 4-bit kernels)" in line and "QLORA=0" in line, line
+    assert "could not be fetched" not in text(res) and "Traceback" not in text(res)
 
 
 def test_top_k_beyond_the_lm_exits_2(cli_failures):
@@ -448,3 +459,113 @@ def test_secrets_never_reach_output_logs_wandb_checkpoints_or_results(trained):
     assert {"2_clip_top1.pt", "2_clip_top1.test.json", "2_clip_top1.test_captions.jsonl"} <= names
     assert any(n.endswith(".wandb") for n in names) and any(n.startswith("clip-") for n in names)
     assert scanned >= 10
+
+
+# ---------------------------------------------------------------------------------------------
+# TUNING=lora end to end, for both encoders
+# ---------------------------------------------------------------------------------------------
+
+LORA_ENCODERS = {"clip": 24, "vit": 40}  # the fixtures' feature sizes: CLIP's projection, ViT's hidden size
+
+
+@pytest.fixture(scope="module")
+def lora_runs(shared_env, tiny_vit_dir):
+    """Per encoder, with LORA_RANK=2 and LoRA dropout on: A = 2 epochs uninterrupted; B = the same run
+    failing to write its epoch-2 checkpoint (a folder stands in the way), then --resume'd from epoch 1 once
+    the way is clear; A's --test; --caption from A's checkpoint with TUNING and LORA_RANK unset, so the
+    model is rebuilt from the checkpoint's config. CLIP's runs log to W&B offline; ViT's skip W&B."""
+    root, env = shared_env
+    extra = {"clip": {}, "vit": {"VISION_ENCODER": "vit", "VISION_MODEL": str(tiny_vit_dir), "WANDB_MODE": "disabled"}}
+    envs = {f"{enc} {run}": env(f"lora-{enc}-{run}", TUNING="lora", LORA_RANK="2", **extra[enc])
+            for enc in LORA_ENCODERS for run in ("A", "B")}
+    jobs = {}
+    for enc in LORA_ENCODERS:
+        blocker = Path(envs[f"{enc} B"]["OUTPUT_DIR_MODELS"]) / f"2_{enc}_lora2.pt"
+        blocker.mkdir(parents=True)
+        jobs[f"{enc} A"] = lambda e=envs[f"{enc} A"]: run_script(["--train"], e)
+        jobs[f"{enc} B failed"] = lambda e=envs[f"{enc} B"]: run_script(["--train"], e)
+    res = parallel(jobs)
+    images = [str(root / "images" / "img" / f"{i:03d}.png") for i in (0, 5)]
+    jobs = {}
+    for enc in LORA_ENCODERS:
+        a = envs[f"{enc} A"]
+        a_default = {k: v for k, v in a.items() if k not in ("TUNING", "LORA_RANK")}
+        checkpoint = str(Path(a["OUTPUT_DIR_MODELS"]) / f"2_{enc}_lora2.pt")
+        (Path(envs[f"{enc} B"]["OUTPUT_DIR_MODELS"]) / f"2_{enc}_lora2.pt").rmdir()
+        jobs[f"{enc} B"] = lambda e=envs[f"{enc} B"]: run_script(["--train", "--resume"], e)
+        jobs[f"{enc} test"] = lambda e=a: run_script(["--test"], e)
+        jobs[f"{enc} caption"] = lambda e=a_default, c=checkpoint: run_script(["--caption", *images, "--checkpoint", c], e)
+    res.update(parallel(jobs))
+    return {"env": envs, "images": images, **res}
+
+
+def lora_checkpoint(lora_runs, run: str, epoch: int) -> dict:
+    enc = run.split()[0]
+    return torch.load(Path(lora_runs["env"][run]["OUTPUT_DIR_MODELS"]) / f"{epoch}_{enc}_lora2.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("enc", LORA_ENCODERS)
+def test_lora_trains_and_resumes_to_the_same_weights_as_an_uninterrupted_run(lora_runs, enc):
+    """LoRA dropout draws from the RNG, so this also checks that its state comes back with the checkpoint."""
+    assert lora_runs[f"{enc} A"].returncode == 0, explain(lora_runs[f"{enc} A"])
+    failed = lora_runs[f"{enc} B failed"]
+    assert failed.returncode == 1 and "could not write" in error_lines(failed)[0], explain(failed)
+    res = lora_runs[f"{enc} B"]
+    assert res.returncode == 0, explain(res)
+    assert "resuming from" in text(res) and "epoch 2/2" in text(res) and "epoch 1/2" not in text(res)
+    a1, a2, b2 = (lora_checkpoint(lora_runs, f"{enc} {run}", epoch) for run, epoch in (("A", 1), ("A", 2), ("B", 2)))
+    adapter = {k for k in a2["model"] if k.startswith("adapter.")}
+    assert set(a2["model"]) == set(b2["model"]) == adapter | set(lora_names_and_shapes(rank=2))
+    assert a2["metrics"]["train_loss"] < a1["metrics"]["train_loss"]  # it learns
+    lora_b = sorted(k for k in a1["model"] if ".lora_B." in k)
+    assert all(a1["model"][k].abs().sum() > 0 for k in lora_b)  # B starts at zero: every one moved
+    diff = max((a2["model"][k] - b2["model"][k]).abs().max().item() for k in a2["model"])
+    assert diff <= 1e-6, f"max weight difference {diff}"
+    assert not torch.equal(a1["model"][lora_b[0]], b2["model"][lora_b[0]])  # epoch 2 trained
+    assert b2["step"] == a2["step"] and b2["epoch"] == 2
+    for (ka, sa), (_, sb) in zip(sorted(a2["optimizer"]["state"].items()), sorted(b2["optimizer"]["state"].items())):
+        for name in sa:
+            assert torch.allclose(torch.as_tensor(sa[name]), torch.as_tensor(sb[name]), atol=1e-6), (ka, name)
+    assert b2["metrics"]["loss"] == pytest.approx(a2["metrics"]["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("enc", LORA_ENCODERS)
+def test_lora_start_banner_counts_the_parameters_of_each_part(lora_runs, enc):
+    dim, hidden, tokens, lm_width = LORA_ENCODERS[enc], 16, 2, 32  # ADAPTER_HIDDEN, NUM_VISUAL_TOKENS, LM width
+    adapter = dim * hidden + hidden + hidden * tokens * lm_width + tokens * lm_width
+    lora = sum(a * b for a, b in lora_names_and_shapes(rank=2).values())
+    block = sum(d_in * d_out for d_in, d_out in FIXTURE_PROJECTIONS.values()) + 2 * lm_width + 2 * 16  # + 4 norms
+    frozen = (len(WORDS) + 2) * lm_width + 2 * block + lm_width  # tied embeddings, 2 blocks, final norm
+    line = next(line for line in text(lora_runs[f"{enc} A"]).splitlines() if "parameters:" in line)
+    assert f"adapter {adapter:,} trainable; LM {lora:,} trainable (LoRA rank 2" in line, line
+    assert f"of all 2 blocks; TOP_K is ignored); {frozen:,} frozen" in line, line
+
+
+@pytest.mark.parametrize("enc", LORA_ENCODERS)
+def test_lora_test_and_caption_rebuild_the_model_and_carry_the_variant(lora_runs, enc):
+    res = lora_runs[f"{enc} test"]
+    assert res.returncode == 0, explain(res)
+    models = Path(lora_runs["env"][f"{enc} A"]["OUTPUT_DIR_MODELS"])
+    result = json.loads((models / f"2_{enc}_lora2.test.json").read_text())
+    assert (result["config"]["tuning"], result["config"]["lora_rank"], result["config"]["vision_encoder"]) == \
+        ("lora", 2, enc)
+    assert result["checkpoint"].endswith(f"2_{enc}_lora2.pt") and "CIDEr" in result["metrics"]
+    with open(models / "results.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert (row["checkpoint"], row["tuning"], row["lora_rank"], row["vision_encoder"]) == \
+        (f"2_{enc}_lora2.pt", "lora", "2", enc)
+    res = lora_runs[f"{enc} caption"]
+    assert res.returncode == 0, explain(res)
+    lines = [line.split("\t") for line in res.stdout.strip().splitlines()]
+    assert [path for path, _ in lines] == lora_runs["images"]
+    assert "using the checkpoint's values for: TUNING='topk' (checkpoint: 'lora')" in text(res)
+
+
+def test_a_lora_run_logs_its_variant_to_wandb(lora_runs):
+    env = lora_runs["env"]["clip A"]
+    paths = list(Path(env["WANDB_DIR"]).rglob("run-*.wandb"))
+    assert len(paths) == 2  # --train and --test
+    for path in paths:
+        config = next(r.run.config for r in wandb_records(path) if r.WhichOneof("record_type") == "run")
+        values = {item.key: json.loads(item.value_json) for item in config.update}
+        assert (values["tuning"], values["lora_rank"], values["lora_alpha"], values["qlora"]) == ("lora", 2, 32, False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,43 @@ def test_exactly_one_job_is_required(argv):
     with pytest.raises(SystemExit) as e:
         mtl.parse_args(argv)
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# TUNING=lora and QLORA=1: optional packages and a GPU, judged before any download
+# ---------------------------------------------------------------------------------------------
+
+def test_qlora_needs_tuning_lora(tmp_path):
+    with pytest.raises(mtl.UserError) as err:
+        mtl.load_config(minimal_env(tmp_path, QLORA="1"))
+    assert err.value.exit_code == 2 and "QLORA=1 needs TUNING=lora" in str(err.value)
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_qlora_without_a_cuda_gpu_is_refused_saying_why(tmp_path, device):
+    if device == "auto" and mtl.torch.cuda.is_available():
+        pytest.skip("DEVICE=auto picks the GPU here")
+    cfg = mtl.load_config(minimal_env(tmp_path, TUNING="lora", QLORA="1", DEVICE=device))
+    with pytest.raises(mtl.UserError) as err:
+        mtl.resolve_device(cfg)
+    assert err.value.exit_code == 2 and "QLORA=1 needs a CUDA GPU" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_qlora_checkpoint_is_refused_on_cpu_before_its_lm_is_fetched(tmp_path):
+    """--test and --caption rebuild the model from the checkpoint's config, QLORA=1 included."""
+    cfg = mtl.load_config(minimal_env(tmp_path, DEVICE="cpu"))
+    stored = {**cfg.public(), "tuning": "lora", "qlora": True, "lm_model": "nobody/not-cached-anywhere"}
+    path = tmp_path / "2_clip_lora16.pt"
+    mtl.torch.save({"format": 1, "model": {}, "config": stored, "epoch": 2, "step": 10, "metrics": {}}, path)
+    with pytest.raises(mtl.UserError) as err:
+        mtl.load_trained(cfg, mtl.argparse.Namespace(checkpoint=str(path)))
+    assert err.value.exit_code == 2 and "QLORA=1 needs a CUDA GPU" in str(err.value)
+
+
+def test_lora_without_peft_is_refused_with_the_install_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # what `import peft` meets where it is not installed
+    topk = mtl.load_config(minimal_env(tmp_path, DEVICE="cpu"))
+    assert mtl.resolve_device(topk)[0].type == "cpu"  # the default recipe does not need it
+    with pytest.raises(mtl.UserError) as err:
+        mtl.resolve_device(dataclasses.replace(topk, tuning="lora"))
+    assert err.value.exit_code == 2 and "TUNING=lora" in str(err.value) and "pip install peft" in str(err.value)

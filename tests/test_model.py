@@ -5,12 +5,15 @@ kernel, the fixed shapes of the compiled fast path, and remote code only when TR
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
-from conftest import SCRIPT
+from conftest import ROOT, SCRIPT, lora_names_and_shapes
 
 CAPTIONS = ["a red circle", "a photo of a big blue square on a gray background", "the shape",
             "a small green circle on the gray background", "a yellow square"]
@@ -283,6 +286,111 @@ def test_trust_remote_code_follows_the_variable(tiny_model, monkeypatch, flag):
         lm_calls = [v for c, name, v in calls if name == cfg.lm_model]
         assert len(lm_calls) >= 3 and all(v is True for v in lm_calls), calls
         assert not any(v for c, name, v in calls if name != cfg.lm_model), calls
+
+
+# ---------------------------------------------------------------------------------------------
+# TUNING=lora
+# ---------------------------------------------------------------------------------------------
+
+def test_the_default_recipe_imports_neither_peft_nor_bitsandbytes(config_from_env):
+    """Both are optional extras (pip install peft / bitsandbytes): only TUNING=lora and QLORA=1 import them."""
+    cfg = config_from_env()
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import multimodal_transfer_learning as mtl\n"
+            f"cfg = mtl.Config(**{cfg.public()!r})\n"
+            "mtl.build_model(cfg, *mtl.resolve_device(cfg))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('peft', 'bitsandbytes')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_lora_trains_fp32_matrices_on_every_projection_of_every_block_and_nothing_else_of_the_lm(tiny_model):
+    cfg, _, model = tiny_model(tuning="lora", lora_rank=4, top_k=2)  # TOP_K is ignored with TUNING=lora
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    lm_trainable = {n: tuple(p.shape) for n, p in trainable.items() if n.startswith("lm.")}
+    assert lm_trainable == lora_names_and_shapes(rank=4)
+    assert set(trainable) - set(lm_trainable) == {n for n, _ in model.adapter.named_parameters(prefix="adapter")}
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert not model.lm.get_input_embeddings().weight.requires_grad
+    opt = mtl.make_optimizer(model, cfg)
+    groups = {g["name"]: g["params"] for g in opt.param_groups}
+    assert {id(p) for p in groups["lm"]} == {id(trainable[n]) for n in lm_trainable}
+    assert groups["lm"] and opt.param_groups[1]["base_lr"] == cfg.lr_qwen
+
+
+def test_lora_on_an_lm_without_those_projections_is_refused_in_one_line():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=10, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0))  # fused c_attn, c_fc, c_proj
+    with pytest.raises(mtl.UserError) as err:
+        mtl.add_lora(gpt2, mtl.Config(tuning="lora", lm_model="tiny-gpt2"))
+    assert err.value.exit_code == 2 and "LM_MODEL=tiny-gpt2 has none of the projections" in str(err.value)
+    assert "TUNING=topk" in str(err.value)
+
+
+def test_lora_matrices_stay_fp32_over_a_bf16_base_and_the_step_runs_under_autocast(tiny_model):
+    cfg, _, model = tiny_model(tuning="lora", dtype="bf16")
+    q_proj = model.lm.model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert q_proj.lora_A["default"].weight.dtype == q_proj.lora_B["default"].weight.dtype == torch.float32
+    opt = mtl.make_optimizer(model, cfg)
+    caps = model.tokenize_captions(["a red circle", "the square is blue"])
+    loss = mtl.train_step(model, opt, [(torch.randn(2, 24), caps, None)], cfg.grad_clip)
+    assert torch.isfinite(loss) and q_proj.lora_B["default"].weight.abs().sum() > 0  # B starts at zero
+
+
+def test_lora_starts_as_the_pretrained_lm_with_the_same_adapter_as_top_k(tiny_model):
+    """B = 0 at the start, so the untrained LoRA model computes what the frozen LM does; the adapter's
+    initialisation does not depend on TUNING."""
+    _, _, lora = tiny_model(tuning="lora")
+    _, _, frozen = tiny_model(top_k=0)
+    assert all(torch.equal(a, b) for a, b in zip(lora.adapter.parameters(), frozen.adapter.parameters()))
+    caps = lora.tokenize_captions(["a red circle", "a photo of a big blue square"])
+    feats = torch.randn(2, 24)
+    with torch.no_grad():
+        assert torch.allclose(lora.eval().token_losses(feats, caps)[0], frozen.eval().token_losses(feats, caps)[0],
+                              atol=1e-6)
+
+
+def test_lora_steps_change_only_the_adapter_and_the_lora_matrices(tiny_model):
+    cfg, _, model = tiny_model(tuning="lora")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = mtl.make_optimizer(model, cfg)
+    caps = model.tokenize_captions(["a red circle", "the square is blue", "a photo of a green circle"])
+    for _ in range(3):  # B starts at zero, so A's gradient is zero until B has moved
+        mtl.train_step(model, opt, [(torch.randn(3, 24), caps, None)], cfg.grad_clip)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(model.trainable_names())
+    assert changed == set(lora_names_and_shapes(cfg.lora_rank)) | {n for n in before if n.startswith("adapter.")}
+
+
+@torch.no_grad()
+def test_generation_goes_through_the_lora_matrices(tiny_model):
+    """Greedy generation (KV cache) continues what the training path's logits say, and LoRA changes those."""
+    _, _, model = tiny_model(tuning="lora")
+    _, _, frozen = tiny_model(top_k=0)
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.lm.named_parameters():
+        if "lora_" in name:
+            p.copy_(torch.randn(p.shape, generator=g))
+    model.eval()
+    frozen.eval()
+    feats = torch.randn(4, 24, generator=g)
+
+    def next_logits(m, ids):
+        hidden = m.decode_eager(m.embed(feats, ids), torch.ones(len(feats), m.adapter.num_tokens + ids.shape[1]))
+        return m.lm.get_output_embeddings()(hidden[:, -1])
+
+    ids = torch.tensor(model.prompt_ids).repeat(len(feats), 1)
+    assert not torch.allclose(next_logits(model, ids), next_logits(frozen, ids), atol=1e-3)
+    for _ in range(3):  # the slow way: the whole sequence again at every step
+        ids = torch.cat([ids, next_logits(model, ids).argmax(-1, keepdim=True)], dim=1)
+    eos = model.tokenizer.eos_token
+    expected = [model.tokenizer.decode(row[len(model.prompt_ids):]).split(eos)[0].strip() for row in ids.tolist()]
+    greedy = dict(max_new_tokens=3, do_sample=False, num_beams=1)
+    assert model.generate(feats, greedy) == expected
+    assert frozen.generate(feats, greedy) != expected
 
 
 # ---------------------------------------------------------------------------------------------

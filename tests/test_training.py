@@ -170,10 +170,11 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 @pytest.fixture(scope="module")
 def resumed(trained, shared_env):
-    """Runs that start from A's checkpoints: B = A's epoch 1 resumed to epoch 2; C = the same with absurd
-    learning rates (the NaN guard); plus resumes that must refuse or find nothing to do."""
+    """Runs that start from epoch 1 of A's configuration (D's checkpoint: the newest of its run, so it keeps
+    the optimizer state): B = resumed to epoch 2; C = the same with absurd learning rates (the NaN guard);
+    plus resumes that must refuse or find nothing to do."""
     root, env = shared_env
-    ckpt1 = trained["A"] / "models" / "1_clip_top1.pt"
+    ckpt1 = trained["D"] / "models" / "1_clip_top1.pt"
     for name in ("B", "C"):
         (root / name / "models").mkdir(parents=True)
         shutil.copy(ckpt1, root / name / "models" / ckpt1.name)
@@ -184,6 +185,8 @@ def resumed(trained, shared_env):
         "C run": lambda: run_script(["--train", "--resume"], env_c),
         "finished": lambda: run_script(["--train", "--resume"], env_a),
         "other TOP_K": lambda: run_script(["--train", "--resume", "--checkpoint", str(ckpt1)], {**env_a, "TOP_K": "2"}),
+        "older epoch": lambda: run_script(["--train", "--resume", "--checkpoint",
+                                           str(trained["A"] / "models" / "1_clip_top1.pt")], env_a),
         "other NUM_VISUAL_TOKENS": lambda: run_script(["--train", "--resume"], {**env_a, "NUM_VISUAL_TOKENS": "3",
                                                                                  "EPOCHS": "3"}),
     }
@@ -240,6 +243,17 @@ def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(tiny_mode
     assert "non-finite" in str(err.value) and "step 1" in str(err.value), str(err.value)
 
 
+def test_a_lora_matrix_that_overflows_stops_the_run(tiny_model):
+    """Only the LoRA matrices get an absurd learning rate: the guard watches them as it watches blocks."""
+    cfg, encoder, model = tiny_model(tuning="lora", lr_qwen=1e30, batch_size=2, warmup_ratio=0)
+    captions = ["a red circle", "a blue square", "the circle is green", "a photo of a yellow square"] * 2
+    pairs = list(zip(range(8), model.tokenize_captions(captions)))
+    split = mtl.Split([f"i{n}" for n in range(8)], torch.randn(8, encoder.dim), [[c] for c in captions], pairs)
+    with pytest.raises(mtl.UserError) as err:
+        mtl.train_epoch(model, mtl.make_optimizer(model, cfg), split, cfg, 1, {"step": 0}, mtl.NoRun())
+    assert re.search(r"(loss became (nan|inf)|weights became non-finite \(lm\.\S+lora_)", str(err.value)), str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact resume
 # ---------------------------------------------------------------------------------------------
@@ -248,22 +262,22 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(trained, resumed)
     res = resumed["B run"]
     assert res.returncode == 0, explain(res)
     assert "resuming from" in text(res) and "epoch 2/2" in text(res) and "epoch 1/2" not in text(res)
-    a1 = torch.load(trained["A"] / "models" / "1_clip_top1.pt", weights_only=True)
+    d1 = torch.load(trained["D"] / "models" / "1_clip_top1.pt", weights_only=True)
     a2 = torch.load(trained["A"] / "models" / "2_clip_top1.pt", weights_only=True)
     b2 = torch.load(resumed["B"] / "models" / "2_clip_top1.pt", weights_only=True)
     assert set(a2["model"]) == set(b2["model"])
     diff = max((a2["model"][k] - b2["model"][k]).abs().max().item() for k in a2["model"])
     assert diff <= 1e-6, f"max weight difference {diff}"
-    assert not torch.equal(a1["model"]["adapter.net.0.weight"], b2["model"]["adapter.net.0.weight"])  # it trained
+    assert not torch.equal(d1["model"]["adapter.net.0.weight"], b2["model"]["adapter.net.0.weight"])  # it trained
     assert b2["step"] == a2["step"] and b2["epoch"] == 2
     for (ka, sa), (kb, sb) in zip(sorted(a2["optimizer"]["state"].items()), sorted(b2["optimizer"]["state"].items())):
         for name in sa:
             assert torch.allclose(torch.as_tensor(sa[name]), torch.as_tensor(sb[name]), atol=1e-6), (ka, name)
     assert b2["metrics"]["loss"] == pytest.approx(a2["metrics"]["loss"], abs=1e-6)
     # the same W&B run continues
-    assert b2["wandb_run_id"] == a1["wandb_run_id"]
+    assert b2["wandb_run_id"] == d1["wandb_run_id"]
     runs = wandb_runs(resumed["B"] / "wandb")
-    assert list(runs) == [a1["wandb_run_id"]], runs
+    assert list(runs) == [d1["wandb_run_id"]], runs
 
 
 def test_resuming_a_finished_run_says_so(resumed, trained):
@@ -287,11 +301,11 @@ def test_qformer_resumes_to_the_weights_of_an_uninterrupted_run(qformer_runs, ki
     res = qformer_runs[kind, "resume"]
     assert res.returncode == 0, explain(res)
     assert "resuming from" in text(res) and "epoch 1/2" not in text(res)
-    a1, a2, b2 = (qformer_checkpoint(qformer_runs, kind, name, epoch) for name, epoch in (("A", 1), ("A", 2), ("B", 2)))
-    assert set(a2["model"]) == set(b2["model"]) and b2["step"] == a2["step"]
-    diff = max((a2["model"][k] - b2["model"][k]).abs().max().item() for k in a2["model"])
+    a1, a2, d2 = (qformer_checkpoint(qformer_runs, kind, name, epoch) for name, epoch in (("A", 1), ("A", 2), ("D", 2)))
+    assert set(a2["model"]) == set(d2["model"]) and d2["step"] == a2["step"]
+    diff = max((a2["model"][k] - d2["model"][k]).abs().max().item() for k in a2["model"])
     assert diff <= 1e-6, f"max weight difference {diff}"
-    assert not torch.equal(a1["model"]["adapter.queries"], b2["model"]["adapter.queries"])  # it trained
+    assert not torch.equal(a1["model"]["adapter.queries"], d2["model"]["adapter.queries"])  # it trained
 
 
 def test_resuming_a_qformer_checkpoint_with_adapter_mlp_names_the_difference(qformer_runs):
@@ -306,8 +320,21 @@ def test_resuming_a_qformer_checkpoint_with_adapter_mlp_names_the_difference(qfo
 # ---------------------------------------------------------------------------------------------
 
 def test_same_seed_gives_bit_identical_checkpoints(trained):
-    for name in ("1_clip_top1.pt", "2_clip_top1.pt"):
-        a, d = weights(trained["A"] / "models" / name), weights(trained["D"] / "models" / name)
-        assert set(a) == set(d) and a
-        different = [k for k in a if not torch.equal(a[k], d[k])]
-        assert not different, f"{name}: {different}"
+    name = "1_clip_top1.pt"  # D stopped after epoch 1 (its epoch 2 is compared through the resume above)
+    a, d = weights(trained["A"] / "models" / name), weights(trained["D"] / "models" / name)
+    assert set(a) == set(d) and a
+    different = [k for k in a if not torch.equal(a[k], d[k])]
+    assert not different, f"{name}: {different}"
+
+
+def test_only_the_newest_checkpoint_keeps_the_resume_state(trained, resumed):
+    """Older epochs keep their weights (enough for --test) but not AdamW's moments, which would double them."""
+    older = torch.load(trained["A"] / "models" / "1_clip_top1.pt", weights_only=True)
+    newest = torch.load(trained["A"] / "models" / "2_clip_top1.pt", weights_only=True)
+    assert "optimizer" not in older and "rng" not in older and older["model"] and older["epoch"] == 1
+    assert "optimizer" in newest and "rng" in newest
+    assert set(older["model"]) == set(newest["model"])
+    res = resumed["older epoch"]
+    assert res.returncode == 2, explain(res)
+    (line,) = error_lines(res)
+    assert "1_clip_top1.pt keeps only weights" in line and "newest checkpoint" in line, line
