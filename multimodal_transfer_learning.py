@@ -2,7 +2,8 @@
 """Turn a text-only base LM into an image captioner.
 
 Recipe: a frozen vision encoder (CLIP ViT-B/32: 512-d projected image embedding, or
-ViT-B/16: 768-d CLS) -> a trainable 2-layer MLP adapter -> NUM_VISUAL_TOKENS vectors in
+ViT-B/16: 768-d CLS) -> a trainable 2-layer MLP adapter (ADAPTER=qformer: learned queries that
+cross-attend the encoder's patch tokens instead) -> NUM_VISUAL_TOKENS vectors in
 the LM's embedding space -> [visual][prompt][caption][EOS] -> Qwen3-0.6B-Base with only
 its top TOP_K blocks unfrozen -> cross-entropy on the caption and EOS tokens only.
 
@@ -25,6 +26,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import errno
 import hashlib
 import io
 import itertools
@@ -693,13 +695,16 @@ def split_by_image(image_ids, seed: int) -> dict[str, list[str]]:
 # =============================================================================================
 
 class VisionEncoder(nn.Module):
-    """Frozen CLIP (the 512-d projected image embedding) or ViT (the 768-d CLS token)."""
+    """Frozen CLIP (the 512-d projected image embedding) or ViT (the 768-d CLS token); with patches=True,
+    the vision tower's final hidden states at every position instead (CLS first, then the patch grid row
+    by row: CLIP B/32 50 x 768, ViT-B/16 197 x 768), what a Q-Former cross-attends."""
 
-    def __init__(self, kind: str, name: str, token: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, kind: str, name: str, token: str, device: torch.device, dtype: torch.dtype,
+                 patches: bool = False):
         super().__init__()
         from transformers import AutoImageProcessor, CLIPModel, ViTModel
         var = "VISION_MODEL"
-        self.kind, self.name = kind, name
+        self.kind, self.name, self.patches = kind, name, patches
         self.processor = call_hub(var, name, AutoImageProcessor.from_pretrained, name, token=token or None)
         if kind == "clip":
             clip = call_hub(var, name, CLIPModel.from_pretrained, name, token=token or None, dtype=dtype)
@@ -710,15 +715,28 @@ class VisionEncoder(nn.Module):
                                      add_pooling_layer=False)
             self.projection, self.dim = None, self.backbone.config.hidden_size
         self.commit = getattr(self.backbone.config, "_commit_hash", None)
+        vision = self.backbone.config
+        self.grid = vision.image_size // vision.patch_size  # patches per side
+        self.feature_shape = (self.grid ** 2 + 1, vision.hidden_size) if patches else (self.dim,)
         self.to(device).eval().requires_grad_(False)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.processor(images=to_rgb(image), return_tensors="pt")["pixel_values"][0]
 
+    def unprocess(self, pixel_values: torch.Tensor) -> Image.Image:
+        """What the encoder saw: preprocessed pixels (3, H, W) back to an RGB image (resized and cropped)."""
+        p = self.processor
+        mean, std = (p.image_mean, p.image_std) if getattr(p, "do_normalize", True) else ((0, 0, 0), (1, 1, 1))
+        rgb = pixel_values.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+        rgb = (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous()
+        return Image.frombytes("RGB", (rgb.shape[1], rgb.shape[0]), rgb.numpy().tobytes())
+
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D) in fp32
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, *feature_shape) in fp32
         p = next(self.parameters())
         out = self.backbone(pixel_values=pixel_values.to(p.device, p.dtype))
+        if self.patches:
+            return out.last_hidden_state.float()
         emb = self.projection(out.pooler_output) if self.projection is not None else out.last_hidden_state[:, 0]
         return emb.float()
 
@@ -744,10 +762,17 @@ def _keep_batch(items):
 
 
 def encode_images(records, store, encoder: VisionEncoder, cfg: Config) -> tuple[torch.Tensor, dict[str, str]]:
-    """Embed every image once, batched. Returns (N, D) features and {image_id: why} for bad images."""
+    """Embed every image once, batched. Returns (N, *feature_shape) features and {image_id: why} for bad images."""
+    feats = torch.zeros(len(records), *encoder.feature_shape)
+    return feats, encode_into(feats, records, store, encoder, cfg)
+
+
+def encode_into(out: torch.Tensor, records, store, encoder: VisionEncoder, cfg: Config) -> dict[str, str]:
+    """Encode records[i] into out[i], batched, with a progress bar; returns {image_id: why} for bad images
+    (their rows are left as they were). `out` may be any slice of a table, a memory-mapped one included,
+    so that the work can be shared out."""
     loader = torch.utils.data.DataLoader(_EncodeSet(records, store, encoder), batch_size=cfg.eval_batch_size,
                                          num_workers=cfg.num_workers, collate_fn=_keep_batch)
-    feats = torch.zeros(len(records), encoder.dim)
     bad = {}
     bar = progress_bar(total=len(records), desc="encoding images", unit="img")
     for items in loader:
@@ -755,10 +780,10 @@ def encode_images(records, store, encoder: VisionEncoder, cfg: Config) -> tuple[
         bad.update({records[i].image_id: why for i, px, why in items if px is None})
         if good:
             idx = torch.tensor([i for i, _ in good])
-            feats[idx] = encoder(torch.stack([px for _, px in good])).cpu()
+            out[idx] = encoder(torch.stack([px for _, px in good])).cpu().to(out.dtype)
         bar.update(len(items))
     bar.close()
-    return feats, bad
+    return bad
 
 
 def _fingerprint(obj) -> str:
@@ -773,13 +798,15 @@ def _local_files_fingerprint(path: str) -> list | None:
 
 
 def feature_cache_path(cfg: Config, encoder: VisionEncoder, records, store: ImageStore) -> Path:
-    """The cache file for these records under this encoder; any change gives another file."""
+    """The cache for these records under this encoder: a file of pooled features, or a folder of patch
+    tokens (see `cached_patch_tokens`), so both caches of one encoder coexist. Any change gives another."""
     model_key = {"kind": cfg.vision_encoder, "name": encoder.name, "commit": encoder.commit,
                  "files": _local_files_fingerprint(encoder.name), "processor": encoder.processor.to_dict()}
     data_key = {"dataset": cfg.dataset, "split": cfg.dataset_split, "column": cfg.image_column,
                 "hub": getattr(store.hub_dataset, "_fingerprint", None),
                 "records": [(r.image_id, r.ref if isinstance(r.ref, int) else _file_stamp(r.ref)) for r in records]}
-    return Path(cfg.cache_dir) / "features" / f"{cfg.vision_encoder}-{_fingerprint(model_key)}-{_fingerprint(data_key)}.pt"
+    name = f"{cfg.vision_encoder}{'-patches' if encoder.patches else ''}-{_fingerprint(model_key)}-{_fingerprint(data_key)}"
+    return Path(cfg.cache_dir) / "features" / (name if encoder.patches else f"{name}.pt")
 
 
 def _file_stamp(path: str):
@@ -794,6 +821,8 @@ def cached_features(cfg: Config, encoder: VisionEncoder, records, store) -> tupl
     """{image_id: feature} for every decodable image, computed once and then read from CACHE_DIR. Under
     torchrun every rank encodes its share of the images, every rank gets them all, and rank 0 writes the cache."""
     path = feature_cache_path(cfg, encoder, records, store)
+    if encoder.patches:
+        return cached_patch_tokens(path, records, store, encoder, cfg)
     if DIST.from_main(path.is_file):  # one answer for all ranks, even if the file appears meanwhile
         blob = torch.load(path, weights_only=True)
         log.info(f"image features: read {len(blob['ids'])} from cache {path}")
@@ -806,6 +835,85 @@ def cached_features(cfg: Config, encoder: VisionEncoder, records, store) -> tupl
             atomic_save(blob, path)
         log.info(f"image features: encoded {len(ok)} images, cached in {path}")
     return dict(zip(blob["ids"], blob["features"])), blob["bad"]
+
+
+PATCH_TABLE, PATCH_INDEX = "tokens.npy", "index.json"
+
+
+def cached_patch_tokens(path: Path, records, store, encoder: VisionEncoder, cfg: Config) -> tuple[dict, dict]:
+    """{image_id: (P, D) fp16 patch tokens} read memory-mapped from the cache folder `path` (written once):
+    the table (Flickr30k: 2.4 GB for CLIP B/32, 9.6 GB for ViT-B/16) is never loaded whole into RAM, the
+    OS pages in the rows a batch gathers. Copy-on-write, so no stray write can reach the cache file."""
+    import numpy as np
+    written = DIST.from_main(lambda: not (path / PATCH_INDEX).is_file())
+    if written and DIST.is_main:  # under torchrun rank 0 encodes them all while the others wait
+        write_patch_cache(path, records, store, encoder, cfg)
+    DIST.barrier()
+    index = json.loads((path / PATCH_INDEX).read_text())
+    table = torch.from_numpy(np.load(path / PATCH_TABLE, mmap_mode="c"))
+    rows = {i: table[n] for n, i in enumerate(index["ids"]) if i not in index["bad"]}
+    log.info(f"patch tokens: {'encoded' if written else 'read'} {len(rows)} images, "
+             f"{'cached in' if written else 'from cache'} {path}")
+    return rows, index["bad"]
+
+
+def write_patch_cache(path: Path, records, store, encoder: VisionEncoder, cfg: Config) -> None:
+    """Encode every record's patch tokens straight into an fp16 .npy on disk (a row per record), beside the
+    list of ids and bad images, in a temp folder renamed into place once complete: a crash never leaves a
+    half-written cache under the final name."""
+    import numpy as np
+    shape = (len(records), *encoder.feature_shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path.parent, math.prod(shape) * 2, "the patch-token cache")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        table = np.lib.format.open_memmap(tmp / PATCH_TABLE, mode="w+", dtype=np.float16, shape=shape)
+        reserve_disk_space(tmp / PATCH_TABLE)
+        bad = encode_into(torch.from_numpy(table), records, store, encoder, cfg)
+        table.flush()
+        del table
+        index = {"ids": [r.image_id for r in records], "bad": bad}
+        atomic_write(tmp / PATCH_INDEX, lambda fh: fh.write(json.dumps(index).encode()))
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error_in(e)
+        if cause and not isinstance(e, UserError):
+            raise UserError(f"could not write the patch-token cache in {path.parent} ({cause}); free disk space "
+                            "or point CACHE_DIR at a larger disk") from e
+        raise
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Stop before writing `needed` bytes under `folder` if the disk cannot hold them."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(f"{what} needs {readable_size(needed)} in {folder}, but only {readable_size(free)} is free: "
+                        "free some space or point CACHE_DIR at a larger disk")
+
+
+def readable_size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+
+
+def reserve_disk_space(path: Path) -> None:
+    """Allocate a sparse file's blocks now: a memory-mapped write into a full disk kills the process with
+    SIGBUS instead of raising, so a disk filled by others meanwhile must fail here, as an OSError."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: go on
+            raise
+    finally:
+        os.close(fd)
 
 
 def check_bad_data(num_total: int, skipped: dict[str, str], cfg: Config) -> None:
@@ -834,6 +942,72 @@ class Adapter(nn.Module):
 
     def forward(self, x):  # (B, D) -> (B, V, H)
         return self.net(x).view(x.shape[0], self.num_tokens, self.lm_dim)
+
+
+class QueryBlock(nn.Module):
+    """One Q-Former layer, pre-norm with residuals: the queries attend to each other, then to the image's
+    patch tokens, then pass an MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.self_norm, self.cross_norm, self.mlp_norm = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cross_attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, queries, patches, need_weights: bool = False):  # (B, V, D), (B, P, D) -> (B, V, D), (B, V, P)
+        x = self.self_norm(queries)
+        queries = queries + self.self_attention(x, x, x, need_weights=False)[0]
+        seen, weights = self.cross_attention(self.cross_norm(queries), patches, patches, need_weights=need_weights)
+        queries = queries + seen
+        return queries + self.mlp(self.mlp_norm(queries)), weights
+
+
+class QFormer(nn.Module):
+    """BLIP-2-style bridge: NUM_VISUAL_TOKENS learned queries read the frozen encoder's patch tokens through
+    QFORMER_LAYERS query blocks of the encoder's width, then a projection to the LM's hidden size.
+
+    Cross-attention is blind to the order of the tokens it reads, and an encoder's final hidden states keep
+    where each patch sits only as far as its own training needed, so each position gets a learned
+    embedding added (starting at zero): the queries can tell a shape on the left from one on the right."""
+
+    def __init__(self, patch_shape: tuple[int, int], num_tokens: int, layers: int, lm_dim: int):
+        super().__init__()
+        num_patches, patch_dim = patch_shape
+        self.num_tokens, self.lm_dim = num_tokens, lm_dim
+        self.queries = nn.Parameter(torch.randn(num_tokens, patch_dim) * 0.02)
+        self.patch_norm = nn.LayerNorm(patch_dim)  # CLIP's final hidden states are not layer-normed (ViT's are)
+        self.patch_positions = nn.Parameter(torch.zeros(num_patches, patch_dim))
+        self.blocks = nn.ModuleList(QueryBlock(patch_dim, attention_heads(patch_dim)) for _ in range(layers))
+        self.out_norm = nn.LayerNorm(patch_dim)
+        self.projection = nn.Linear(patch_dim, lm_dim)
+
+    def forward(self, patches):  # (B, P, D) -> (B, V, H)
+        return self.read(patches)[0]
+
+    def attention(self, patches):  # (B, P, D) -> (B, V, P)
+        """Where each query looks: the last block's cross-attention, averaged over heads (rows sum to 1)."""
+        return self.read(patches, need_weights=True)[1]
+
+    def read(self, patches, need_weights: bool = False):
+        patches = self.patch_norm(patches) + self.patch_positions  # (B, P, D)
+        queries = self.queries.expand(patches.shape[0], -1, -1)  # (B, V, D)
+        weights = None
+        for block in self.blocks:
+            queries, weights = block(queries, patches, need_weights)
+        return self.projection(self.out_norm(queries)), weights
+
+
+def attention_heads(width: int) -> int:
+    """Heads of at least 64 dimensions (768 -> 12, as in BERT-base and BLIP-2's Q-Former); 1 for narrow widths."""
+    return max((h for h in range(1, width // 64 + 1) if width % h == 0), default=1)
+
+
+def make_adapter(cfg: Config, feature_shape: tuple, lm_dim: int) -> nn.Module:
+    """ADAPTER: the MLP over one image embedding (D,), or the Q-Former over patch tokens (P, D)."""
+    if cfg.adapter == "qformer":
+        return QFormer(feature_shape, cfg.num_visual_tokens, cfg.qformer_layers, lm_dim)
+    return Adapter(feature_shape[0], cfg.adapter_hidden, cfg.num_visual_tokens, lm_dim)
 
 
 LENGTH_BUCKETS = 4  # text lengths the compiled fast path pads to: at most 4 graphs for training, 4 for evaluation
@@ -977,11 +1151,11 @@ def decoder_blocks(lm) -> nn.ModuleList:
 class Captioner(nn.Module):
     """Adapter + LM. Holds the tokenizer, the prompts, the precision policy and the input shapes in one place."""
 
-    def __init__(self, cfg: Config, feature_dim: int, lm, tokenizer, device, dtype):
+    def __init__(self, cfg: Config, feature_shape: tuple, lm, tokenizer, device, dtype):
         super().__init__()
         self.lm, self.tokenizer, self.device, self.dtype = lm, tokenizer, device, dtype
         hidden = lm.get_input_embeddings().embedding_dim
-        self.adapter = Adapter(feature_dim, cfg.adapter_hidden, cfg.num_visual_tokens, hidden).to(device)
+        self.adapter = make_adapter(cfg, feature_shape, hidden).to(device)
         choose_trainable(lm, cfg)  # after the adapter, whose initialisation is then the same for every TUNING
         self.prompt_ids = self.tokenize_prompt(cfg.prompt)
         # PROMPTS: training draws one of these per pair, so that the model does not overfit one wording
@@ -996,7 +1170,7 @@ class Captioner(nn.Module):
         self.rows_per_batch = {True: cfg.batch_size // DIST.world_size, False: cfg.eval_batch_size}
         longest = max(len(p) for p in [self.prompt_ids, *self.train_prompt_ids]) + cfg.max_caption_tokens + 1
         self.length_buckets = sorted({max(8, longest - 8 * i) for i in range(LENGTH_BUCKETS)})
-        self.feature_shape = (feature_dim,)
+        self.feature_shape = tuple(feature_shape)  # of one image: (D,) pooled, (P, D) patch tokens
         self.decode = self.decode_eager  # the compiled fast path replaces it (see `use_fast_path`)
         lm.config.use_cache = False
 
@@ -1149,12 +1323,13 @@ def decoding_kwargs(cfg: Config) -> dict:
 
 def build_model(cfg: Config, device, dtype) -> tuple[VisionEncoder, Captioner]:
     check_top_k(cfg, read_lm_config(cfg).num_hidden_layers)
-    encoder = VisionEncoder(cfg.vision_encoder, cfg.vision_model_id, cfg.hf_token, device, dtype)
+    encoder = VisionEncoder(cfg.vision_encoder, cfg.vision_model_id, cfg.hf_token, device, dtype,
+                            patches=cfg.adapter == "qformer")
     lm, tokenizer = load_language_model(cfg, device, dtype)
     if cfg.liger:
         use_liger_kernels(lm, device)
     torch.manual_seed(cfg.seed)  # the adapter's initialisation
-    model = Captioner(cfg, encoder.dim, lm, tokenizer, device, dtype)
+    model = Captioner(cfg, encoder.feature_shape, lm, tokenizer, device, dtype)
     return encoder, model
 
 
@@ -1284,11 +1459,32 @@ def call_hub(var: str, name: str, fn, *args, **kwargs):
 # Training
 # =============================================================================================
 
+class FeatureRows:
+    """A split's image features, indexed like an (N, *feature_shape) fp32 tensor but gathered only when
+    indexed: an int, a slice or a list of rows gives a tensor, `first(n)` a shorter FeatureRows. With the
+    patch cache memory-mapped, a split is never copied whole into RAM (Flickr30k train: 1.9 GB of fp16)."""
+
+    def __init__(self, rows: list[torch.Tensor]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, int):
+            return self.rows[key].float()
+        picked = self.rows[key] if isinstance(key, slice) else [self.rows[i] for i in key]
+        return torch.stack(picked).float()
+
+    def first(self, n: int) -> FeatureRows:
+        return FeatureRows(self.rows[:n])
+
+
 @dataclass
 class Split:
     """The pairs of one split: image features, their ids and every tokenized caption."""
     ids: list[str]
-    features: torch.Tensor          # (N, D)
+    features: FeatureRows           # (N, *feature_shape)
     references: list[list[str]]     # raw captions per image
     pairs: list[tuple[int, list[int]]]  # (image row, caption token ids)
 
@@ -1299,8 +1495,7 @@ def make_split(ids, features: dict, records_by_id: dict, model: Captioner) -> Sp
     flat = [c for r in refs for c in r]
     tokens = model.tokenize_captions(flat) if flat else []
     rows = [n for n, r in enumerate(refs) for _ in r]
-    feats = torch.stack([features[i] for i in ids]) if ids else torch.zeros(0, 1)
-    return Split(ids, feats, refs, list(zip(rows, tokens)))
+    return Split(ids, FeatureRows([features[i] for i in ids]), refs, list(zip(rows, tokens)))
 
 
 def batches(split: Split, batch_size: int, order: list[int], prompts: list[list[int]] | None = None):
@@ -1482,7 +1677,7 @@ def split_loss(model: Captioner, split: Split, cfg: Config) -> float:
 
 
 @torch.no_grad()
-def generate_captions(model: Captioner, features: torch.Tensor, cfg: Config, desc="generating",
+def generate_captions(model: Captioner, features: torch.Tensor | FeatureRows, cfg: Config, desc="generating",
                       prompt_ids: list[int] | None = None) -> list[str]:
     """Captions of the images (with PROMPT), or their text under another prompt, EVAL_BATCH_SIZE at a time.
     Under torchrun each rank generates its share of the batches and every rank gets all texts; sampling is
@@ -1597,7 +1792,8 @@ def retrieval_scores(model: Captioner, split: Split, pool: int, cfg: Config) -> 
                           unit="img"):
         for start in range(0, len(caps), bs):
             chunk = [c for _, c in caps[start: start + bs]]
-            feats = split.features[i].expand(len(chunk), -1)
+            feature = split.features[i]
+            feats = feature.expand(len(chunk), *feature.shape)
             scores[i, start: start + len(chunk)] = model.caption_log_likelihood(feats, chunk).float().cpu()
     return DIST.sum(scores), owner
 
@@ -1608,7 +1804,7 @@ def evaluate(model: Captioner, split: Split, cfg: Config, caption_images: int, p
     torchrun the same on every rank."""
     metrics = {"loss": split_loss(model, split, cfg)}
     n = len(split.ids) if caption_images == 0 else min(caption_images, len(split.ids))
-    generated = generate_captions(model, split.features[:n], cfg)
+    generated = generate_captions(model, split.features.first(n), cfg)
     preds = dict(zip(split.ids[:n], generated))
     metrics.update(DIST.from_main(caption_metrics, preds, dict(zip(split.ids[:n], split.references[:n]))))
     metrics["num_images"] = n
@@ -1626,6 +1822,56 @@ def format_table(metrics: dict) -> str:
         shown = "missing" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
         lines.append(f"  {k:<{width}}  {shown:>10}")
     return "\n".join(lines)
+
+
+# ---- where the Q-Former's queries look (--caption --explain) ----
+
+HEAT_STOPS = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))  # matplotlib's inferno
+
+
+def heat_colours(values: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] (any shape) -> RGB bytes (..., 3) along HEAT_STOPS: dark = ignored, bright = looked at."""
+    stops = torch.tensor(HEAT_STOPS, dtype=torch.float32)
+    x = values.clamp(0, 1) * (len(stops) - 1)
+    low = x.floor().long().clamp(max=len(stops) - 2)
+    frac = (x - low)[..., None]
+    return (stops[low] * (1 - frac) + stops[low + 1] * frac).round().byte()
+
+
+def heat_panel(view: Image.Image, weights: torch.Tensor, grid: int, size: int, label: str) -> Image.Image:
+    """`view` at size x size under a heatmap of one attention row (P,) over its grid x grid patches (the CLS
+    position, first, is left out and named in the label), scaled to its own maximum; one block per patch."""
+    patches = weights[1:].reshape(grid, grid)
+    colours = heat_colours(patches / patches.max().clamp(min=1e-12))
+    heat = Image.frombytes("RGB", (grid, grid), colours.contiguous().numpy().tobytes()).resize((size, size), Image.NEAREST)
+    panel = Image.blend(view.resize((size, size), Image.BICUBIC), heat, 0.6)
+    labelled(panel, f"{label} (CLS {weights[0].item():.0%})")
+    return panel
+
+
+def labelled(panel: Image.Image, text: str) -> Image.Image:
+    """`text` in white on a black box in the panel's top-left corner (readable over any heatmap)."""
+    draw = ImageDraw.Draw(panel)
+    box = draw.textbbox((3, 2), text)
+    draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
+    draw.text((3, 2), text, fill=(255, 255, 255))
+    return panel
+
+
+def attention_picture(view: Image.Image, attention: torch.Tensor, grid: int, caption: str, size: int = 224,
+                      columns: int = 4) -> Image.Image:
+    """The image as the encoder saw it beside a heatmap of the queries' cross-attention (V, P) over its
+    patches averaged over queries, then one small panel per query; the caption on top."""
+    small = 2 * size // columns
+    rows = math.ceil(len(attention) / columns)
+    picture = Image.new("RGB", (2 * size, 20 + size + rows * small), (255, 255, 255))
+    ImageDraw.Draw(picture).text((4, 4), caption[:80], fill=(0, 0, 0))
+    picture.paste(labelled(view.resize((size, size), Image.BICUBIC), "input"), (0, 20))
+    picture.paste(heat_panel(view, attention.mean(0), grid, size, f"mean of {len(attention)} queries"), (size, 20))
+    for q, weights in enumerate(attention):
+        at = (q % columns * small, 20 + size + q // columns * small)
+        picture.paste(heat_panel(view, weights, grid, small, f"q{q + 1}"), at)
+    return picture
 
 
 # =============================================================================================
@@ -1681,11 +1927,7 @@ def atomic_write(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself survive a power cut
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_folder(path.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -1700,6 +1942,15 @@ def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename into `folder` survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _os_error_in(e: BaseException) -> OSError | None:
@@ -1787,10 +2038,19 @@ def config_from_checkpoint(ckpt: dict, cfg: Config) -> Config:
 
 
 def load_weights(model: Captioner, ckpt: dict) -> None:
-    missing = set(model.trainable_names()) - set(ckpt["model"])
-    if missing:
-        raise UserError(f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]})")
-    model.load_state_dict(ckpt["model"], strict=False)
+    """The checkpoint's weights into the model, or one line naming the first weight that does not fit
+    (load_state_dict would skip unknown names silently and fail on shapes with a paragraph)."""
+    own, saved = model.state_dict(), ckpt["model"]
+    missing = sorted(set(model.trainable_names()) - set(saved))
+    unknown = sorted(set(saved) - set(own))
+    reshaped = [k for k in saved if k in own and saved[k].shape != own[k].shape]
+    if missing or unknown or reshaped:
+        why = (f"it lacks {len(missing)} trainable weights (e.g. {missing[0]})" if missing else
+               f"it holds {len(unknown)} weights the model has not (e.g. {unknown[0]})" if unknown else
+               f"{reshaped[0]} is {tuple(saved[reshaped[0]].shape)} in it, {tuple(own[reshaped[0]].shape)} in the model")
+        raise UserError(f"the checkpoint does not fit the model built from its settings: {why}; was it written by "
+                        "another version, or were the models at VISION_MODEL/LM_MODEL replaced since?")
+    model.load_state_dict(saved, strict=False)
 
 
 def history_path(cfg: Config) -> Path:
@@ -2238,36 +2498,71 @@ def compare_runs(folders: list[Path], out: Path) -> str:
 # Demo: synthetic shapes, tiny random models, all offline
 # =============================================================================================
 # Colour and shape survive a frozen, random encoder's single global embedding (colour shifts the
-# pixel statistics, and the three shapes cover different areas); position barely would.
+# pixel statistics, and the three shapes cover different areas); position barely would. DEMO_TASK=position
+# asks for it: a smaller shape on one side, and captions that name the side. The pooled embedding (the
+# MLP adapter's input) blurs where; patch tokens keep it, one token per place.
 
 DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
                 "purple": (140, 50, 170), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (250, 250, 250)}
 DEMO_SHAPES = ("circle", "square", "triangle")
 DEMO_TEMPLATES = ("{a} {c} {s}", "{a} {c} {s} on a gray background", "a picture of {a} {c} {s}",
                   "there is {a} {c} {s} in the image", "one {c} {s}")
+DEMO_PLACES = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}  # centres in 64 x 64
+DEMO_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+DEMO_POSITION_TEMPLATES = ("{a} {c} {s} {where}", "{a} {c} {s} {where} of the image", "there is {a} {c} {s} {where}",
+                           "{where} there is {a} {c} {s}", "one {c} {s} {where}")
 
 
-def demo_caption(template: str, colour: str, shape: str) -> str:
-    return template.format(a="an" if colour[0] in "aeiou" else "a", c=colour, s=shape)
+def demo_caption(template: str, colour: str, shape: str, place: str | None = None) -> str:
+    return template.format(a="an" if colour[0] in "aeiou" else "a", c=colour, s=shape, where=DEMO_WHERE.get(place))
 
 
 def demo_sample(index: int, seed: int) -> tuple[Image.Image, str, str]:
     rnd = random.Random(seed * 1_000_003 + index)
     colour, shape = rnd.choice(list(DEMO_COLOURS)), rnd.choice(DEMO_SHAPES)
-    image = Image.new("RGB", (64, 64), (128, 128, 128))
     x, y, r = 32 + rnd.randint(-6, 6), 32 + rnd.randint(-6, 6), rnd.randint(16, 20)
+    return draw_demo_shape(shape, x, y, r, DEMO_COLOURS[colour]), colour, shape
+
+
+def demo_position_sample(index: int, seed: int) -> tuple[Image.Image, str, str, str]:
+    """DEMO_TASK=position: a shape of radius 9-12 around one of DEMO_PLACES (jittered by up to 4 pixels)."""
+    rnd = random.Random(f"position-{seed}-{index}")
+    colour, shape, place = rnd.choice(list(DEMO_COLOURS)), rnd.choice(DEMO_SHAPES), rnd.choice(list(DEMO_PLACES))
+    (cx, cy), r = DEMO_PLACES[place], rnd.randint(9, 12)
+    x, y = cx + rnd.randint(-4, 4), cy + rnd.randint(-4, 4)
+    return draw_demo_shape(shape, x, y, r, DEMO_COLOURS[colour]), colour, shape, place
+
+
+def draw_demo_shape(shape: str, x: int, y: int, r: int, fill) -> Image.Image:
+    """A 64 x 64 gray image with one shape of `fill` colour centred at (x, y), r pixels from centre to edge."""
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
     draw = ImageDraw.Draw(image)
     box = (x - r, y - r, x + r, y + r)
     if shape == "circle":
-        draw.ellipse(box, fill=DEMO_COLOURS[colour])
+        draw.ellipse(box, fill=fill)
     elif shape == "square":
-        draw.rectangle(box, fill=DEMO_COLOURS[colour])
+        draw.rectangle(box, fill=fill)
     else:
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=DEMO_COLOURS[colour])
-    return image, colour, shape
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    return image
 
 
-def make_demo_dataset(folder: Path, n: int, seed: int) -> Path:
+def demo_item(task: str, index: int, seed: int) -> tuple[Image.Image, list[str]]:
+    """One image of the demo task and its five captions."""
+    if task == "position":
+        image, colour, shape, place = demo_position_sample(index, seed)
+        return image, [demo_caption(t, colour, shape, place) for t in DEMO_POSITION_TEMPLATES]
+    image, colour, shape = demo_sample(index, seed)
+    return image, [demo_caption(t, colour, shape) for t in DEMO_TEMPLATES]
+
+
+def demo_vocabulary_captions(task: str) -> list[str]:
+    """Every caption the task can produce: what the demo LM's word-level vocabulary is built from."""
+    templates, places = (DEMO_POSITION_TEMPLATES, DEMO_PLACES) if task == "position" else (DEMO_TEMPLATES, [None])
+    return [demo_caption(t, c, s, p) for t in templates for c in DEMO_COLOURS for s in DEMO_SHAPES for p in places]
+
+
+def make_demo_dataset(folder: Path, n: int, seed: int, task: str = "shapes") -> Path:
     """Write n images and a metadata.jsonl with five varied captions each (an ordinary image folder)."""
     if (folder / "metadata.jsonl").is_file():
         return folder
@@ -2276,21 +2571,23 @@ def make_demo_dataset(folder: Path, n: int, seed: int) -> Path:
     (tmp / "images").mkdir(parents=True)
     with open(tmp / "metadata.jsonl", "w") as fh:
         for i in progress_bar(range(n), desc="demo images", unit="img"):
-            image, colour, shape = demo_sample(i, seed)
+            image, captions = demo_item(task, i, seed)
             name = f"images/{i:05d}.png"
             image.save(tmp / name)
-            fh.write(json.dumps({"file_name": name, "captions": [demo_caption(t, colour, shape) for t in DEMO_TEMPLATES]}) + "\n")
+            fh.write(json.dumps({"file_name": name, "captions": captions}) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
 
 
-def make_demo_models(root: Path, kind: str, seed: int, captions: list[str]) -> tuple[Path, Path]:
-    """A tiny random encoder of the real architecture and a tiny random Qwen3 with a word-level tokenizer."""
+def make_demo_models(root: Path, kind: str, seed: int, captions: list[str], task: str = "shapes") -> tuple[Path, Path]:
+    """A tiny random encoder of the real architecture and a tiny random Qwen3 with a word-level tokenizer
+    (the vocabulary of `captions`, so one LM per demo task)."""
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, Qwen3Config,
                               Qwen3ForCausalLM, ViTConfig, ViTImageProcessor, ViTModel)
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    vision_dir, lm_dir = root / f"{kind}-seed{seed}", root / f"qwen3-seed{seed}"
+    vision_dir = root / f"{kind}-seed{seed}"
+    lm_dir = root / (f"qwen3-seed{seed}" if task == "shapes" else f"qwen3-{task}-seed{seed}")
     torch.manual_seed(seed)
     if not (vision_dir / "config.json").is_file():
         vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -2321,11 +2618,12 @@ def make_demo_models(root: Path, kind: str, seed: int, captions: list[str]) -> t
 
 def make_demo_files(cfg: Config) -> dict[str, Path]:
     """Write, once, the demo's image folder and its tiny random models under CACHE_DIR/demo."""
-    root = Path(cfg.cache_dir) / "demo"
-    data = make_demo_dataset(root / f"shapes-{cfg.demo_images}-seed{cfg.seed}", cfg.demo_images, cfg.seed)
-    captions = [demo_caption(t, c, s) for t in DEMO_TEMPLATES for c in DEMO_COLOURS for s in DEMO_SHAPES]
-    vision_dir, lm_dir = make_demo_models(root / "models", cfg.vision_encoder, cfg.seed, captions)
-    return {"root": root, "dataset": data, "vision_model": vision_dir, "lm_model": lm_dir}
+    root, task = Path(cfg.cache_dir) / "demo", cfg.demo_task
+    data = make_demo_dataset(root / f"{task}-{cfg.demo_images}-seed{cfg.seed}", cfg.demo_images, cfg.seed, task)
+    vision_dir, lm_dir = make_demo_models(root / "models", cfg.vision_encoder, cfg.seed, demo_vocabulary_captions(task),
+                                          task)
+    checkpoints = root / ("checkpoints" if task == "shapes" else f"checkpoints-{task}")
+    return {"root": root, "dataset": data, "vision_model": vision_dir, "lm_model": lm_dir, "checkpoints": checkpoints}
 
 
 def demo_config(cfg: Config, files: dict[str, Path]) -> Config:
@@ -2336,7 +2634,7 @@ def demo_config(cfg: Config, files: dict[str, Path]) -> Config:
     num_layers = AutoConfig.from_pretrained(files["lm_model"]).num_hidden_layers
     top_k = cfg.top_k if cfg.top_k != Config.top_k else num_layers
     output_dir = cfg.output_dir_models if cfg.output_dir_models != Config.output_dir_models \
-        else str(files["root"] / "checkpoints")
+        else str(files["checkpoints"])
     return dataclasses.replace(cfg, dataset=str(files["dataset"]), vision_model=str(files["vision_model"]),
                                lm_model=str(files["lm_model"]), top_k=top_k, output_dir_models=output_dir,
                                cache_dir=str(files["root"] / "cache"))
@@ -2499,6 +2797,7 @@ def banner(cfg: Config, device, dtype, splits=None, model=None) -> None:
     if splits:
         log.info("data: " + ", ".join(f"{k} {len(s.ids)} images / {len(s.pairs)} captions" for k, s in splits.items()))
     if model is not None:
+        log.info(describe_adapter(model))
         counts = parameter_counts(model)
         log.info(f"parameters: adapter {counts['adapter']:,} trainable; LM {counts['lm']:,} trainable "
                  f"({lm_tuning(cfg, model)}); {counts['frozen']:,} frozen")
@@ -2523,6 +2822,14 @@ def lm_tuning(cfg: Config, model: Captioner) -> str:
     frozen = "frozen weights in 4-bit NF4, " if cfg.qlora else ""
     return (f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout} on "
             f"{'/'.join(LORA_TARGETS)} of all {blocks} blocks; {frozen}TOP_K is ignored")
+
+
+def describe_adapter(model: Captioner) -> str:
+    adapter, shape = model.adapter, model.feature_shape
+    if isinstance(adapter, QFormer):
+        return (f"adapter: qformer, {adapter.num_tokens} queries x {len(adapter.blocks)} layers cross-attending "
+                f"{shape[0]} patch tokens of width {shape[1]} -> LM width {adapter.lm_dim}")
+    return f"adapter: mlp, one {shape[0]}-d image embedding -> {adapter.num_tokens} tokens of LM width {adapter.lm_dim}"
 
 
 def wandb_footer(run) -> str:
@@ -2711,7 +3018,7 @@ def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict, untra
 
 
 def encoded_images(paths: list[str], encoder: VisionEncoder, batch_size: int):
-    """(paths, features) per batch of the readable image files; each unreadable one is reported in one line."""
+    """(paths, pixels, features) per batch of the readable image files; each unreadable one is reported in one line."""
     for start in range(0, len(paths), batch_size):
         names, pixels = [], []
         for name in paths[start: start + batch_size]:
@@ -2723,23 +3030,30 @@ def encoded_images(paths: list[str], encoder: VisionEncoder, batch_size: int):
                 reason = "no such file" if isinstance(e, FileNotFoundError) else f"cannot read image ({type(e).__name__}: {e})"
                 log.error(f"{name}: {reason}")
         if names:
-            yield names, encoder(torch.stack(pixels))
+            yield names, pixels, encoder(torch.stack(pixels))
 
 
-def describe_images(t: Trained, paths: list[str], prompt_ids: list[int] | None = None) -> int:
+def describe_images(t: Trained, paths: list[str], prompt_ids: list[int] | None = None, explain=False) -> int:
     """Print path<TAB>text for each readable image: its caption, or under another prompt (a question)
-    the answer. Returns the exit code: 1 if any image could not be read."""
-    done = 0
-    for names, features in encoded_images(paths, t.encoder, t.cfg.eval_batch_size):
+    the answer; explain: also the pictures of where a Q-Former's queries look. Returns the exit code:
+    1 if any image could not be read."""
+    done, picture_names = 0, explain_names(paths)
+    for names, pixels, features in encoded_images(paths, t.encoder, t.cfg.eval_batch_size):
         texts = generate_captions(t.model, features, t.cfg, desc="captioning", prompt_ids=prompt_ids)
         for name, text in zip(names, texts):
             print(f"{name}\t{text}", flush=True)
+        if explain:
+            write_attention_pictures(t, names, pixels, features, texts, picture_names)
         done += len(names)
     return 1 if done < len(paths) else 0
 
 
 def cmd_caption(cfg: Config, args) -> int:
-    return describe_images(load_trained(cfg, args), args.images)
+    t = load_trained(cfg, args)
+    if args.explain and t.cfg.adapter != "qformer":
+        raise UserError(f"--explain shows where a Q-Former's queries look, but {t.path} has ADAPTER={t.cfg.adapter}: "
+                        "pass a checkpoint trained with ADAPTER=qformer", exit_code=2)
+    return describe_images(t, args.images, explain=args.explain)
 
 
 # The question takes the prompt's place. A model trained on captions only has learnt to describe
@@ -2787,6 +3101,29 @@ def cmd_sweep(cfg: Config, args) -> int:
     return 1 if failed else 0
 
 
+def explain_names(images: list[str]) -> dict[str, str]:
+    """The --explain picture's file name of each image: its stem + .png, numbered where stems repeat."""
+    names = {}
+    for image in dict.fromkeys(images):
+        stem, n = Path(image).stem, 1
+        while (name := f"{stem}.png" if n == 1 else f"{stem}-{n}.png") in names.values():
+            n += 1
+        names[image] = name
+    return names
+
+
+def write_attention_pictures(t: Trained, names: list[str], pixels: list[torch.Tensor], features: torch.Tensor,
+                             captions: list[str], picture_names: dict[str, str]) -> None:
+    """--explain: one PNG per image in `{checkpoint stem}.explain/` beside the checkpoint."""
+    with torch.no_grad(), t.model.autocast():
+        attention = t.model.adapter.attention(t.model.to_device(features)).float().cpu()  # (B, V, P)
+    for name, px, weights, caption in zip(names, pixels, attention, captions):
+        out = t.path.with_suffix(".explain") / picture_names[name]
+        picture = attention_picture(t.encoder.unprocess(px), weights, t.encoder.grid, caption)
+        atomic_write(out, lambda fh: picture.save(fh, format="PNG"))
+        log.info(f"{name}: where the queries look -> {out}")
+
+
 def env_help() -> str:
     lines = ["environment variables (also read from .env; see .env.example):"]
     for f in dataclasses.fields(Config):
@@ -2823,6 +3160,8 @@ def parse_args(argv=None):
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="with --export: upload the folder to this Hugging Face "
                                                             "model repository (HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--explain", action="store_true", help="with --caption and an ADAPTER=qformer checkpoint: also "
+                   "write a PNG per image of where the queries look")
     p.add_argument("--demo", action="store_true", help="offline demo: synthetic shapes and tiny random models")
     p.add_argument("--debug", action="store_true", help="show tracebacks of expected failures")
     args = p.parse_args(argv)
@@ -2831,6 +3170,7 @@ def parse_args(argv=None):
                            ("--untrained", args.test, "--untrained goes with --test"),
                            ("--push-to-hub", args.export, "--push-to-hub goes with --export DIR"),
                            ("--private", args.push_to_hub, "--private goes with --push-to-hub"),
+                           ("--explain", args.caption, "--explain goes with --caption"),
                            ("--checkpoint", not (args.sweep or args.compare is not None or args.untrained),
                             "--checkpoint goes with --test, --caption, --ask, --export or --train --resume")):
         if getattr(args, flag[2:].replace("-", "_")) and not ok:

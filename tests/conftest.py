@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -322,3 +323,46 @@ def prefix_embeds(model, features: torch.Tensor) -> torch.Tensor:
     """[visual tokens][prompt tokens] of each image, as the model feeds them to the LM: (B, V + P, H)."""
     ids = torch.tensor(model.prompt_ids, dtype=torch.long).repeat(len(features), 1)
     return model.embed(features, ids)
+
+
+@pytest.fixture(scope="session")
+def qformer_runs(shared_env, tiny_vit_dir):
+    """ADAPTER=qformer with each encoder: run A (2 epochs) beside run D, the same but with a folder where its
+    epoch-2 checkpoint goes, so that it stops there with epoch 1 the newest checkpoint (keeping the resume
+    state). Then side by side: D resumed to epoch 2 once the folder is gone, A's --test, A's --caption
+    --explain of photo.png and of a missing file; with CLIP also C = D's epoch 1 resumed with absurd
+    learning rates (the NaN guard), and A's epoch 1 resumed with ADAPTER=mlp. Returns {"root": folder,
+    "image": photo.png, (encoder, job): the finished process}; run X of an encoder writes under
+    root/qformer/{encoder}/X."""
+    root, env = shared_env
+    vision = {"clip": {}, "vit": {"VISION_ENCODER": "vit", "VISION_MODEL": str(tiny_vit_dir)}}
+    envs = {(kind, name): env(f"qformer/{kind}/{name}", ADAPTER="qformer", **vision[kind], **extra)
+            for kind in vision for name, extra in (("A", {}), ("D", {}), ("C", {"LR_ADAPTER": "1e30", "LR_QWEN": "1e30"}))}
+    models = {key: Path(e["OUTPUT_DIR_MODELS"]) for key, e in envs.items()}
+    image = root / "qformer" / "photo.png"
+    draw("blue", "circle", 64).save(image)
+    for kind in vision:
+        (models[kind, "D"] / f"2_{kind}_qformer_top1.pt").mkdir(parents=True)
+    runs = parallel({(kind, name): lambda kind=kind, name=name: run_script(["--train"], envs[kind, name])
+                     for kind in vision for name in ("A", "D")})
+    jobs = {}
+    for kind in vision:
+        assert runs[kind, "A"].returncode == 0, explain(runs[kind, "A"])
+        assert runs[kind, "D"].returncode == 1 and "could not write" in runs[kind, "D"].stderr, explain(runs[kind, "D"])
+        (models[kind, "D"] / f"2_{kind}_qformer_top1.pt").rmdir()
+        jobs[kind, "resume"] = lambda kind=kind: run_script(["--train", "--resume"], envs[kind, "D"])
+        jobs[kind, "test"] = lambda kind=kind: run_script(["--test"], envs[kind, "A"])
+        jobs[kind, "explain"] = lambda kind=kind: run_script(
+            ["--caption", "--explain", str(image), str(image.with_name("missing.png"))], envs[kind, "A"])
+    models["clip", "C"].mkdir(parents=True)
+    shutil.copy(models["clip", "D"] / "1_clip_qformer_top1.pt", models["clip", "C"])
+    jobs["clip", "nan"] = lambda: run_script(["--train", "--resume"], envs["clip", "C"])
+    jobs["clip", "as mlp"] = lambda: run_script(["--train", "--resume", "--checkpoint",
+                                                 str(models["clip", "A"] / "1_clip_qformer_top1.pt")],
+                                                {**envs["clip", "A"], "ADAPTER": "mlp"})
+    return {"root": root / "qformer", "image": image, **runs, **parallel(jobs)}
+
+
+def qformer_checkpoint(runs: dict, kind: str, name: str, epoch: int) -> dict:
+    """Checkpoint `epoch` of run `name` (A, C or D) of `qformer_runs` with encoder `kind`."""
+    return torch.load(runs["root"] / kind / name / "models" / f"{epoch}_{kind}_qformer_top1.pt", weights_only=True)

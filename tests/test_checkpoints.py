@@ -6,6 +6,7 @@ per-epoch history beside its checkpoints keeps earlier epochs across a resume.""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import errno
 import json
 import os
@@ -224,3 +225,37 @@ def test_a_lora_checkpoint_is_at_most_a_fifth_of_a_top_k_one(tiny_model, tmp_pat
     _, top_k = checkpoint_after_one_step(tiny_model, tmp_path / "topk", top_k=1)
     ratio = stored_tensor_bytes(lora) / stored_tensor_bytes(top_k)
     assert ratio <= 1 / 5, ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# ADAPTER=qformer
+# ---------------------------------------------------------------------------------------------
+
+def test_a_qformer_checkpoint_is_named_for_its_variant_and_not_taken_for_an_mlp_run(tiny_model):
+    cfg, _, model = tiny_model(top_k=1, adapter="qformer")
+    path = mtl.save_checkpoint(model, mtl.make_optimizer(model, cfg), cfg, 3, 30, {"loss": 1.0}, None)
+    assert path.name == "3_clip_qformer_top1.pt"
+    assert set(torch.load(path, weights_only=True)["model"]) == set(model.trainable_names())
+    assert mtl.find_last_checkpoint(cfg) == path
+    with pytest.raises(mtl.UserError) as e:
+        mtl.find_last_checkpoint(dataclasses.replace(cfg, adapter="mlp"))
+    message = str(e.value)
+    assert "\n" not in message and "no checkpoint {epoch}_clip_top1.pt" in message
+    assert "3_clip_qformer_top1.pt (ADAPTER=qformer)" in message and "--checkpoint" in message
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"adapter": "mlp"}, "it lacks 4 trainable weights (e.g. adapter.net.0.bias)"),   # the MLP's 2 layers
+    ({"num_visual_tokens": 3}, "adapter.queries is (2, 32) in it, (3, 32) in the model"),
+    ({"qformer_layers": 1}, "it holds 18 weights the model has not (e.g. adapter.blocks.1."),  # a whole block
+], ids=["mlp model", "more queries", "fewer layers"])
+def test_weights_that_do_not_fit_the_model_are_named_in_one_line(tiny_model, change, needle):
+    """A checkpoint whose stored settings no longer match its weights (edited by hand, or the models at
+    VISION_MODEL/LM_MODEL replaced since): one line naming the first weight that does not fit."""
+    cfg, _, model = tiny_model(top_k=1, adapter="qformer")
+    ckpt = torch.load(mtl.save_checkpoint(model, mtl.make_optimizer(model, cfg), cfg, 1, 0, {}, None), weights_only=True)
+    _, _, other = tiny_model(**{"top_k": 1, "adapter": "qformer", **change})
+    with pytest.raises(mtl.UserError) as e:
+        mtl.load_weights(other, ckpt)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("the checkpoint does not fit the model") and needle in message

@@ -25,7 +25,8 @@ from PIL import Image
 
 import multimodal_transfer_learning as mtl
 from conftest import (ANSI, FIXTURE_PROJECTIONS, HF_FAKE, SCRIPT, WANDB_FAKE, WORDS, draw, error_lines, explain,
-                      leftover_temp_files, lora_names_and_shapes, parallel, run_script, text, wandb_records, wandb_runs)
+                      leftover_temp_files, lora_names_and_shapes, parallel, qformer_checkpoint, run_script, text,
+                      wandb_records, wandb_runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +183,83 @@ def test_caption_command_on_every_kind_of_image_and_bad_files(base_env, tmp_path
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout == "".join(lines[i] + "\n" for i in range(len(good)))  # same captions again
     assert "ERROR" not in res.stderr and "no_repeat_ngram_size" not in res.stderr  # no transformers noise
+
+
+# ---------------------------------------------------------------------------------------------
+# ADAPTER=qformer end to end, with each encoder (the runs of `qformer_runs` in conftest.py)
+# ---------------------------------------------------------------------------------------------
+
+VISION_WIDTH = {"clip": 32, "vit": 40}  # the tiny towers' hidden sizes; 32 x 32 images in 8 x 8 patches: 17 tokens
+
+
+def wandb_config(run_file: Path) -> dict:
+    """The config an offline W&B run recorded: {key: value}."""
+    config = {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        items = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+        config.update({item.key: json.loads(item.value_json) for item in items})
+    return config
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_qformer_trains_and_every_output_carries_the_variant(qformer_runs, kind):
+    res = qformer_runs[kind, "A"]
+    banner = f"adapter: qformer, 2 queries x 2 layers cross-attending 17 patch tokens of width {VISION_WIDTH[kind]}"
+    assert banner in text(res) and "patch tokens: encoded 40 images" in text(res)
+    models = qformer_runs["root"] / kind / "A" / "models"
+    assert sorted(p.name for p in models.glob("*.pt")) == [f"1_{kind}_qformer_top1.pt", f"2_{kind}_qformer_top1.pt"]
+    first, last = (qformer_checkpoint(qformer_runs, kind, "A", epoch) for epoch in (1, 2))
+    assert (last["config"]["adapter"], last["config"]["qformer_layers"]) == ("qformer", 2)
+    keys = set(last["model"])
+    assert {"adapter.queries", "adapter.blocks.1.cross_attention.in_proj_weight", "adapter.projection.weight"} <= keys
+    assert all(k.startswith(("adapter.", "lm.model.layers.1.")) for k in keys), sorted(keys)
+    assert not torch.equal(first["model"]["adapter.queries"], last["model"]["adapter.queries"])  # it trained
+    configs = [wandb_config(f) for f in (qformer_runs["root"] / kind / "A" / "wandb").rglob("run-*.wandb")]
+    assert len(configs) == 2  # --train and --test
+    assert all((c["adapter"], c["qformer_layers"], c["vision_encoder"]) == ("qformer", 2, kind) for c in configs)
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_qformer_checkpoint_tests_and_records_its_variant(qformer_runs, kind):
+    res = qformer_runs[kind, "test"]
+    assert res.returncode == 0, explain(res)
+    assert "patch tokens: read 40 images, from cache" in text(res)
+    models = qformer_runs["root"] / kind / "A" / "models"
+    result = json.loads((models / f"2_{kind}_qformer_top1.test.json").read_text())
+    assert result["config"]["adapter"] == "qformer" and {"CIDEr", "Recall@1", "loss"} <= set(result["metrics"])
+    with open(models / "results.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert (row["checkpoint"], row["vision_encoder"], row["adapter"], row["qformer_layers"]) == \
+        (f"2_{kind}_qformer_top1.pt", kind, "qformer", "2")
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_qformer_captions_and_explains_where_its_queries_look(qformer_runs, kind):
+    res = qformer_runs[kind, "explain"]
+    assert res.returncode == 1, explain(res)  # one of the two images is missing
+    (line,) = res.stdout.splitlines()
+    path, caption = line.split("\t")
+    assert path == str(qformer_runs["image"]) and caption
+    picture = qformer_runs["root"] / kind / "A" / "models" / f"2_{kind}_qformer_top1.explain" / "photo.png"
+    assert f"{path}: where the queries look -> {picture}" in text(res)
+    with Image.open(picture) as png:
+        assert png.format == "PNG" and png.size == (448, 20 + 224 + 112)  # 2 queries: one row of small panels
+    (error,) = error_lines(res)
+    assert "missing.png: no such file" in error
+
+
+def test_explain_needs_a_qformer_checkpoint(base_env, checkpoint, tmp_path):
+    image = tmp_path / "photo.png"
+    draw("red", "circle").save(image)
+    res = run_script(["--caption", "--explain", str(image)], base_env)
+    assert res.returncode == 2, explain(res)
+    (line,) = error_lines(res)
+    assert "--explain" in line and f"{checkpoint} has ADAPTER=mlp" in line and "ADAPTER=qformer" in line
+    assert res.stdout == "" and not checkpoint.with_suffix(".explain").exists()
+    with pytest.raises(SystemExit) as e:
+        mtl.parse_args(["--test", "--explain"])
+    assert e.value.code == 2
 
 
 # ---------------------------------------------------------------------------------------------

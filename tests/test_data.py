@@ -262,3 +262,94 @@ def test_cache_is_rebuilt_when_a_record_is_added(tiny_model, image_folder):
     # and the cache of the new dataset is then reused
     before = stamp(new_path)
     assert cache_call(cfg, encoder)[0] == new_path and stamp(new_path) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# The patch-token cache (ADAPTER=qformer)
+# ---------------------------------------------------------------------------------------------
+
+def mapped_files(tensor: torch.Tensor) -> list[str]:
+    """The files whose memory mapping holds the tensor's data (Linux: /proc/self/maps)."""
+    ptr, found = tensor.data_ptr(), []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= ptr < high and len(fields) >= 6:
+                found.append(fields[5])
+    return found
+
+
+def test_patch_cache_holds_the_patch_tokens_in_fp16_read_memory_mapped(tiny_model):
+    cfg, encoder, _ = tiny_model(adapter="qformer")
+    path, feats, records, store = cache_call(cfg, encoder)
+    assert sorted(feats) == sorted(r.image_id for r in records)
+    assert path.is_dir() and sorted(p.name for p in path.iterdir()) == ["index.json", "tokens.npy"]
+    assert json.loads((path / "index.json").read_text())["bad"] == {}
+    for record in (records[0], records[-1]):
+        row = feats[record.image_id]
+        assert row.dtype == torch.float16 and row.shape == (17, 32)  # CLS + 4 x 4 patches, the tower's width
+        fresh = encoder(encoder.preprocess(store.open(record.ref))[None])[0]
+        torch.testing.assert_close(row, fresh.half(), rtol=0, atol=0)
+        assert mapped_files(row) == [str(path / "tokens.npy")]  # a view of the file, not a copy in RAM
+    assert (path / "tokens.npy").stat().st_size >= len(records) * 17 * 32 * 2
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp folder left
+
+
+def test_pooled_and_patch_caches_of_one_encoder_coexist_and_are_reused(tiny_model):
+    cfg_mlp, pooled, _ = tiny_model()
+    cfg_q, patches, _ = tiny_model(adapter="qformer")
+    pooled_path, pooled_feats, _, _ = cache_call(cfg_mlp, pooled)
+    patch_path, patch_feats, _, _ = cache_call(cfg_q, patches)
+    assert pooled_path != patch_path and pooled_path.is_file() and patch_path.is_dir()
+    before = {p: stamp(p) for p in (pooled_path, patch_path / "tokens.npy")}
+    again_pooled, again_pooled_feats, _, _ = cache_call(cfg_mlp, pooled)
+    again_patch, again_patch_feats, _, _ = cache_call(cfg_q, patches)
+    assert (again_pooled, again_patch) == (pooled_path, patch_path)
+    assert {p: stamp(p) for p in before} == before  # read, not rewritten
+    k = next(iter(pooled_feats))
+    assert pooled_feats[k].shape == (24,) and torch.equal(again_pooled_feats[k], pooled_feats[k])
+    assert torch.equal(again_patch_feats[k], patch_feats[k])
+
+
+def test_patch_cache_is_rebuilt_when_an_image_changes(tiny_model, image_folder):
+    cfg, encoder, _ = tiny_model(adapter="qformer")
+    old_path, old_feats, records, _ = cache_call(cfg, encoder)
+    draw("yellow", "circle").rotate(30).save(records[5].ref)
+    new_path, new_feats, _, _ = cache_call(cfg, encoder)
+    assert new_path != old_path
+    assert not torch.equal(new_feats[records[5].image_id], old_feats[records[5].image_id])
+    assert torch.equal(new_feats[records[6].image_id], old_feats[records[6].image_id])
+
+
+def test_patch_cache_refuses_to_start_on_a_disk_without_room(tiny_model, monkeypatch):
+    cfg, encoder, _ = tiny_model(adapter="qformer")
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(mtl.shutil, "disk_usage", lambda path: usage._replace(free=1000))  # a nearly full disk
+    with pytest.raises(mtl.UserError) as e:
+        cache_call(cfg, encoder)
+    message = str(e.value)
+    assert "\n" not in message and e.value.exit_code == 1
+    assert "patch-token cache needs 43.5 kB" in message and "only 1.0 kB is free" in message  # 40 x 17 x 32 x 2
+    assert "CACHE_DIR" in message
+    assert list((Path(cfg.cache_dir) / "features").iterdir()) == []  # nothing written
+
+
+def test_an_interrupted_patch_cache_leaves_nothing_and_is_written_whole_next_time(tiny_model, monkeypatch):
+    cfg, encoder, _ = tiny_model(adapter="qformer", eval_batch_size=8)
+    calls = []
+    encode = mtl.VisionEncoder.forward
+
+    def interrupted(self, pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of encoding
+        return encode(self, pixels)
+
+    monkeypatch.setattr(mtl.VisionEncoder, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache_call(cfg, encoder)
+    assert list((Path(cfg.cache_dir) / "features").iterdir()) == []
+    monkeypatch.undo()
+    path, feats, records, _ = cache_call(cfg, encoder)
+    assert len(feats) == len(records) and all(feats[r.image_id].abs().sum() > 0 for r in records)

@@ -519,3 +519,46 @@ def test_retrieval_scores_are_mean_caption_log_likelihoods(tiny_model):
             p = prefix.shape[1]
             expected = torch.stack([logp[p - 1 + t, tok] for t, tok in enumerate(ids)]).mean()
             assert scores[i, m].item() == pytest.approx(expected.item(), abs=1e-4), (i, caption)
+
+
+# ---------------------------------------------------------------------------------------------
+# --caption --explain: where the Q-Former's queries look
+# ---------------------------------------------------------------------------------------------
+
+def test_heat_colours_run_from_dark_to_bright():
+    colours = mtl.heat_colours(torch.tensor([0.0, 0.5, 1.0])).tolist()
+    assert colours[0] == list(mtl.HEAT_STOPS[0]) and colours[-1] == list(mtl.HEAT_STOPS[-1])
+    brightness = [sum(c) for c in mtl.heat_colours(torch.linspace(0, 1, 11)).tolist()]
+    assert brightness == sorted(brightness)
+
+
+def test_attention_picture_puts_the_heat_on_the_attended_patch():
+    """Query q looks only at patch (row q, column 3 - q) of a 4 x 4 grid: its panel is brightest there,
+    and the mean panel is bright on all four patches of that diagonal."""
+    grid, size, V = 4, 224, 4
+    attention = torch.zeros(V, 1 + grid * grid)
+    for q in range(V):
+        attention[q, 1 + q * grid + (grid - 1 - q)] = 1.0
+    view = mtl.Image.new("RGB", (32, 32), (128, 128, 128))
+    picture = mtl.attention_picture(view, attention, grid, "a caption", size=size, columns=4)
+    small = 2 * size // 4
+    assert picture.size == (2 * size, 20 + size + small)
+
+    def brightest_block(left, top, side):
+        block = side // grid
+        sums = {(r, c): sum(sum(picture.getpixel((left + c * block + dx, top + r * block + dy)))
+                            for dx in (block // 3, 2 * block // 3) for dy in (block // 3, 2 * block // 3))
+                for r in range(grid) for c in range(grid)}
+        return max(sums, key=sums.get), sums
+
+    for q in range(V):
+        (r, c), _ = brightest_block(q * small, 20 + size, small)
+        assert (r, c) == (q, grid - 1 - q), q
+    _, sums = brightest_block(size, 20, size)
+    diagonal = {(q, grid - 1 - q) for q in range(V)}
+    assert min(sums[k] for k in diagonal) > max(v for k, v in sums.items() if k not in diagonal)
+
+
+def test_explain_pictures_of_images_with_one_name_do_not_overwrite_each_other():
+    names = mtl.explain_names(["a/photo.jpg", "b/photo.png", "photo-2.jpg", "a/photo.jpg"])
+    assert names == {"a/photo.jpg": "photo.png", "b/photo.png": "photo-2.png", "photo-2.jpg": "photo-2-2.png"}

@@ -391,3 +391,83 @@ def test_generation_goes_through_the_lora_matrices(tiny_model):
     greedy = dict(max_new_tokens=3, do_sample=False, num_beams=1)
     assert model.generate(feats, greedy) == expected
     assert frozen.generate(feats, greedy) != expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The Q-Former (ADAPTER=qformer)
+# ---------------------------------------------------------------------------------------------
+
+# the fixtures' vision towers: CLIP hidden 32, ViT hidden 40; both 32 x 32 images in 8 x 8 patches
+PATCH_SHAPES = {"clip": (4 * 4 + 1, 32), "vit": (4 * 4 + 1, 40)}
+
+
+def hub_patch_tokens(kind: str, model_dir, pixels: torch.Tensor) -> torch.Tensor:
+    """The vision tower's final hidden states, straight from transformers."""
+    from transformers import CLIPVisionModel, ViTModel
+    tower = CLIPVisionModel.from_pretrained(model_dir) if kind == "clip" else ViTModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        return tower(pixel_values=pixels).last_hidden_state
+
+
+@pytest.mark.parametrize("encoder_kind", ["clip", "vit"])
+def test_qformer_reads_the_encoders_patch_tokens_for_both_encoders(tiny_model, tiny_clip_dir, tiny_vit_dir,
+                                                                   encoder_kind):
+    model_dir = tiny_vit_dir if encoder_kind == "vit" else tiny_clip_dir
+    cfg, encoder, model = tiny_model(vision_encoder=encoder_kind, vision_model=model_dir, adapter="qformer",
+                                     num_visual_tokens=5, qformer_layers=3)
+    pixels = torch.stack([encoder.preprocess(mtl.Image.new("RGB", (60, 40), c)) for c in ("red", "blue", "white")])
+    patches = encoder(pixels)
+    assert patches.shape == (3, *PATCH_SHAPES[encoder_kind]) and encoder.feature_shape == PATCH_SHAPES[encoder_kind]
+    torch.testing.assert_close(patches, hub_patch_tokens(encoder_kind, model_dir, pixels))
+    assert model.feature_shape == PATCH_SHAPES[encoder_kind]
+    assert isinstance(model.adapter, mtl.QFormer) and len(model.adapter.blocks) == 3
+    assert model.adapter(patches).shape == (3, 5, model.lm.config.hidden_size)
+    attention = model.adapter.attention(patches)
+    assert attention.shape == (3, 5, PATCH_SHAPES[encoder_kind][0]) and (attention >= 0).all()
+    torch.testing.assert_close(attention.sum(-1), torch.ones(3, 5))
+    # each image is read on its own: a batch changes nothing
+    torch.testing.assert_close(model.adapter(patches[1:2]), model.adapter(patches)[1:2])
+
+
+def test_qformer_parameters_at_the_real_shapes():
+    """16 queries, 2 layers, CLIP B/32 patch tokens (50 x 768), Qwen3-0.6B's width 1024, counted by hand."""
+    P, D, V, H = 50, 768, 16, 1024
+    attention = 3 * D * D + 3 * D + D * D + D            # packed q/k/v projections + output projection
+    mlp = D * 4 * D + 4 * D + 4 * D * D + D
+    block = 2 * attention + mlp + 3 * 2 * D              # self- and cross-attention, MLP, three LayerNorms
+    # queries, patch norm, patch positions, blocks, out norm, projection
+    expected = V * D + 2 * D + P * D + 2 * block + 2 * D + D * H + H
+    qformer = mtl.QFormer((P, D), V, 2, H)
+    assert sum(p.numel() for p in qformer.parameters()) == expected
+    assert all(b.cross_attention.num_heads == 12 for b in qformer.blocks)  # 64-dimensional heads, as BLIP-2's
+
+
+def test_qformer_trains_with_the_top_blocks_and_nothing_else(tiny_model):
+    cfg, encoder, model = tiny_model(adapter="qformer", top_k=1)
+    trainable = set(model.trainable_names())
+    assert {n for n in trainable if n.startswith("adapter.")} == {n for n, _ in model.adapter.named_parameters(prefix="adapter")}
+    assert {n.split(".")[3] for n in trainable if n.startswith("lm.")} == {"1"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = mtl.make_optimizer(model, cfg)
+    caps = model.tokenize_captions(["a red circle", "the square is blue", "a photo of a green circle"])
+    patches = torch.randn(3, *encoder.feature_shape, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(5):
+        loss = model(patches, caps)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in trainable), n  # every trained weight moved, no frozen one did
+
+
+@pytest.mark.parametrize("encoder_kind", ["clip", "vit"])
+def test_unprocess_shows_what_the_encoder_saw(tiny_model, tiny_vit_dir, encoder_kind):
+    extra = {"vision_model": tiny_vit_dir} if encoder_kind == "vit" else {}
+    _, encoder, _ = tiny_model(vision_encoder=encoder_kind, **extra)
+    image = mtl.Image.new("RGB", (50, 50), (200, 40, 90))
+    seen = encoder.unprocess(encoder.preprocess(image))
+    assert seen.size == (32, 32)
+    assert all(abs(a - b) <= 1 for a, b in zip(seen.getpixel((16, 16)), (200, 40, 90)))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
-from conftest import error_lines, explain, parallel, run_script, text, wandb_runs, weights
+from conftest import error_lines, explain, parallel, qformer_checkpoint, run_script, text, wandb_runs, weights
 
 
 def test_training_iterates_over_every_caption_pair(tiny_model, image_folder):
@@ -48,6 +48,18 @@ def test_prompts_give_each_pair_one_of_them_reproducibly_and_the_batches_carry_t
     assert carried == [mtl.epoch_prompts(model, 20, cfg.seed, 1)[i] for i in order]
     _, _, none_model = tiny_model()
     assert mtl.epoch_prompts(none_model, 20, 42, 1) is None
+
+
+def test_a_splits_features_are_gathered_per_batch_in_fp32():
+    """FeatureRows: a split's rows of a (memory-mapped, fp16) table, copied only when a batch asks."""
+    table = torch.arange(5 * 3 * 2, dtype=torch.float16).reshape(5, 3, 2)
+    rows = mtl.FeatureRows([table[i] for i in (4, 0, 2)])
+    assert len(rows) == 3 and len(rows.first(2)) == 2
+    torch.testing.assert_close(rows[[2, 0]], table[[2, 4]].float(), rtol=0, atol=0)
+    torch.testing.assert_close(rows[1:], table[[0, 2]].float(), rtol=0, atol=0)
+    torch.testing.assert_close(rows.first(2)[0:2], table[[4, 0]].float(), rtol=0, atol=0)
+    assert rows[1].dtype == rows[[1]].dtype == torch.float32 and rows[1].shape == (3, 2)
+    assert table[0, 0, 0] == 0 and rows[1].data_ptr() != table[0].data_ptr()  # a copy: the table stays untouched
 
 def test_optimizer_steps_change_only_trainable_weights(tiny_model):
     cfg, _, model = tiny_model(top_k=1)
@@ -222,6 +234,16 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert [r["exit_code"] for rs in runs.values() for r in rs] == [1], runs
 
 
+def test_the_nan_guard_stops_a_qformer_run_and_keeps_its_last_good_checkpoint(qformer_runs):
+    res = qformer_runs["clip", "nan"]
+    assert res.returncode == 1, explain(res)
+    (line,) = error_lines(res)
+    assert re.search(r"loss became (nan|inf|-inf) at step \d+ \(epoch 2\)", line), line
+    models = qformer_runs["root"] / "clip" / "C" / "models"
+    assert [p.name for p in models.glob("*.pt")] == ["1_clip_qformer_top1.pt"]
+    assert all(torch.isfinite(w).all() for w in weights(models / "1_clip_qformer_top1.pt").values())
+
+
 def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(tiny_model, tmp_path):
     """The last step of an epoch can have a finite loss but non-finite gradients (an overflow): the
     epoch must not end as if all were well, or its checkpoint would hold NaN weights."""
@@ -293,6 +315,25 @@ def test_resume_with_another_model_configuration_names_the_difference(resumed, c
     assert res.returncode == 2, explain(res)
     (line,) = error_lines(res)
     assert needle in line and "--resume" in line, line
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_qformer_resumes_to_the_weights_of_an_uninterrupted_run(qformer_runs, kind):
+    res = qformer_runs[kind, "resume"]
+    assert res.returncode == 0, explain(res)
+    assert "resuming from" in text(res) and "epoch 1/2" not in text(res)
+    a1, a2, d2 = (qformer_checkpoint(qformer_runs, kind, name, epoch) for name, epoch in (("A", 1), ("A", 2), ("D", 2)))
+    assert set(a2["model"]) == set(d2["model"]) and d2["step"] == a2["step"]
+    diff = max((a2["model"][k] - d2["model"][k]).abs().max().item() for k in a2["model"])
+    assert diff <= 1e-6, f"max weight difference {diff}"
+    assert not torch.equal(a1["model"]["adapter.queries"], d2["model"]["adapter.queries"])  # it trained
+
+
+def test_resuming_a_qformer_checkpoint_with_adapter_mlp_names_the_difference(qformer_runs):
+    res = qformer_runs["clip", "as mlp"]
+    assert res.returncode == 2, explain(res)
+    (line,) = error_lines(res)
+    assert "ADAPTER='mlp' (checkpoint: 'qformer')" in line and "--resume" in line, line
 
 
 # ---------------------------------------------------------------------------------------------
