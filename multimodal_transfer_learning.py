@@ -227,6 +227,12 @@ class Config:
         tuning = f"lora{self.lora_rank}" if self.tuning == "lora" else f"top{self.top_k}"
         return f"{self.vision_encoder}{adapter}_{tuning}"
 
+    @property
+    def unused_keys(self) -> set[str]:
+        """Settings this variant ignores: TOP_K under LoRA, LoRA's under top-K, one adapter's under the other."""
+        tuning = {"top_k"} if self.tuning == "lora" else {"lora_rank", "lora_alpha", "lora_dropout", "qlora"}
+        return tuning | ({"adapter_hidden"} if self.adapter == "qformer" else {"qformer_layers"})
+
 
 def keys_defining(what: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["defines"] == what)
@@ -1092,16 +1098,14 @@ def quantization_kwargs(cfg: Config, device, dtype) -> dict:
     return {"quantization_config": quantization, "device_map": {"": device}}
 
 
-def freeze_except_top_k(lm, top_k: int) -> list[nn.Module]:
+def freeze_except_top_k(lm, top_k: int) -> None:
     """Freeze the whole LM, then unfreeze its top K blocks (kept in fp32: they are trained).
 
     Embeddings and the (tied) LM head stay frozen, so the LM keeps its vocabulary as it was."""
     lm.requires_grad_(False)
     blocks = list(decoder_blocks(lm))
-    top = blocks[len(blocks) - top_k:] if top_k else []
-    for block in top:
+    for block in blocks[len(blocks) - top_k:] if top_k else []:
         block.float().requires_grad_(True)
-    return top
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -1435,6 +1439,7 @@ def call_hub(var: str, name: str, fn, *args, **kwargs):
         text = f"{type(e).__name__}: {e}"
         log.debug("hub failure", exc_info=True)
         local_hint = f"or point {var} at a local copy"
+        kind = " --repo-type dataset" if var == "DATASET" else ""
         if looks_local(name) and not Path(name).expanduser().exists():
             msg = f"{var}={name}: no such local directory (check the path, or give a hub id like owner/name)"
         elif isinstance(e, hub_errors.GatedRepoError) or "gated" in text.lower():
@@ -1448,7 +1453,7 @@ def call_hub(var: str, name: str, fn, *args, **kwargs):
                 or "offline" in text.lower() or "connect" in text.lower():
             msg = (f"{var}={name} could not be fetched (no network, or HF_HUB_OFFLINE=1 and it is not cached; "
                    "offline a misspelled name looks the same, so check it too): "
-                   f"download it where there is network (`hf download {name}{' --repo-type dataset' if var == 'DATASET' else ''} --local-dir DIR`) "
+                   f"download it where there is network (`hf download {name}{kind} --local-dir DIR`) "
                    f"and set {var}=DIR")
         else:
             raise
@@ -2243,7 +2248,8 @@ def push_to_hub(folder: Path, repo_id: str, token: str, private: bool) -> str:
                       commit_message=f"Upload {folder.name} with multimodal_transfer_learning.py")
     except Exception as e:
         log.debug("upload failure", exc_info=True)
-        raise UserError(upload_failure(e, repo_id, folder), exit_code=2 if type(e).__name__ == "HFValidationError" else 1) from None
+        bad_id = type(e).__name__ == "HFValidationError"
+        raise UserError(upload_failure(e, repo_id, folder), exit_code=2 if bad_id else 1) from None
     return str(url)
 
 
@@ -2786,11 +2792,6 @@ def prepare_data(cfg: Config, data, encoder: VisionEncoder, model: Captioner):
     return splits, by_id, store
 
 
-def count_parameters(model: Captioner) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def banner(cfg: Config, device, dtype, splits=None, model=None) -> None:
     log.info("config: " + ", ".join(f"{k}={v!r}" for k, v in cfg.public().items()))
     log.info(f"device: {device}, dtype: {str(dtype).replace('torch.', '')}")
@@ -2844,7 +2845,7 @@ def checkpoint_to_resume(cfg: Config, args) -> tuple[Path, dict]:
     """The checkpoint --resume continues (--checkpoint or the last one), checked against the config."""
     path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
     ckpt = read_checkpoint(path)
-    differing = config_differences(cfg, ckpt["config"], MODEL_KEYS + DATA_KEYS)
+    differing = config_differences(cfg, ckpt["config"], [k for k in MODEL_KEYS + DATA_KEYS if k not in cfg.unused_keys])
     if differing:
         raise UserError(f"{path} was trained with other values: {'; '.join(differing)}; "
                         "restore them to resume, or train without --resume", exit_code=2)
@@ -2982,7 +2983,8 @@ def cmd_test(cfg: Config, args) -> None:
         samples = sample_table(run, by_id, store, list(preds)[:16], preds)
         run.log({f"test/{k}": v for k, v in {**metrics, **samples}.items() if v is not None})
         run.summary.update({f"test/{k}": v for k, v in metrics.items() if v is not None})
-    print(f"test results for {'the untrained model' if t.untrained else path} ({len(test.ids)} test images, retrieval pool {metrics.get('retrieval_pool', 0)}):")
+    print(f"test results for {'the untrained model' if t.untrained else path} ({len(test.ids)} test images, "
+          f"retrieval pool {metrics.get('retrieval_pool', 0)}):")
     print(format_table(metrics))
     log.info(f"wrote {stem}.test.json and {stem}.test_captions.jsonl; {wandb_footer(run)}")
 

@@ -163,7 +163,8 @@ def build_assets(root: Path, num_images: int, seed: int, tiny: bool = False) -> 
     """Real-shape (or --tiny) random Qwen3 + CLIP saved like hub checkpoints, and a Flickr-like image folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Qwen3Config, Qwen3ForCausalLM
     lm_shape_, vision_shape = (TINY_QWEN3, TINY_CLIP_VISION) if tiny else (QWEN3_0_6B, CLIP_B32_VISION)
-    lm_dir, clip_dir = root / ("qwen3-tiny" if tiny else "qwen3-0.6b-random"), root / ("clip-tiny" if tiny else "clip-vit-b32-random")
+    lm_dir = root / ("qwen3-tiny" if tiny else "qwen3-0.6b-random")
+    clip_dir = root / ("clip-tiny" if tiny else "clip-vit-b32-random")
     torch.manual_seed(seed)
     if not (lm_dir / "config.json").is_file():
         bench_tokenizer(lm_shape_["vocab_size"]).save_pretrained(lm_dir)
@@ -884,7 +885,9 @@ def run_benchmark(args, root: Path, say) -> dict:
     cfg, encoder, model, split = load_bench(assets, root, args)
     device, dtype = model.device, model.dtype
     shape = lm_shape(model)
-    total_params, trainable = mtl.count_parameters(model)
+    counts = mtl.parameter_counts(model)
+    trainable = counts["adapter"] + counts["lm"]
+    total_params = trainable + counts["frozen"]
     encoder_params = sum(p.numel() for p in encoder.parameters())
     R = {"device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
          "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": cfg.batch_size,

@@ -13,8 +13,8 @@ wheels=${2:-.wheels}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if ! python -c "import colorlog, dotenv, peft" 2>/dev/null && [ -d "$wheels" ]; then
-    pip install --quiet --no-index --find-links "$wheels" colorlog python-dotenv peft
+if ! python -c "import colorlog, dotenv, peft, liger_kernel" 2>/dev/null && [ -d "$wheels" ]; then
+    pip install --quiet --no-index --find-links "$wheels" colorlog python-dotenv peft liger-kernel
 fi
 if ! python -c "import pycocoevalcap.bleu.bleu" 2>/dev/null && [ -d "$wheels/site" ]; then
     export PYTHONPATH="$PWD/$wheels/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -5,6 +5,7 @@ nothing the script loads with torch.load can run code (weights_only=True everywh
 per-epoch history beside its checkpoints keeps earlier epochs across a resume."""
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import errno
@@ -225,6 +226,24 @@ def test_a_lora_checkpoint_is_at_most_a_fifth_of_a_top_k_one(tiny_model, tmp_pat
     _, top_k = checkpoint_after_one_step(tiny_model, tmp_path / "topk", top_k=1)
     ratio = stored_tensor_bytes(lora) / stored_tensor_bytes(top_k)
     assert ratio <= 1 / 5, ratio
+
+
+@pytest.mark.parametrize("variant,ignored,shaping", [
+    ({"tuning": "lora", "lora_rank": 1}, {"top_k": 2, "qformer_layers": 3}, {"lora_alpha": 4}),
+    ({"adapter": "qformer"}, {"adapter_hidden": 8, "lora_rank": 2}, {"qformer_layers": 1}),
+    ({"top_k": 1}, {"lora_rank": 4, "lora_dropout": 0.2}, {"top_k": 2}),
+])
+def test_resume_ignores_the_settings_its_variant_does_not_use(tiny_model, variant, ignored, shaping):
+    """TOP_K under LoRA, LoRA's settings under top-K and the other adapter's settings do not shape the
+    model: changing them does not block --resume; a setting that does is named."""
+    cfg, _, model = tiny_model(**variant)
+    path = mtl.save_checkpoint(model, mtl.make_optimizer(model, cfg), cfg, 1, 10, {"loss": 1.0}, None)
+    args = argparse.Namespace(checkpoint=str(path))
+    assert mtl.checkpoint_to_resume(dataclasses.replace(cfg, **ignored), args)[0] == path
+    with pytest.raises(mtl.UserError) as e:
+        mtl.checkpoint_to_resume(dataclasses.replace(cfg, **shaping), args)
+    (key, value), = shaping.items()
+    assert f"{key.upper()}={value!r}" in str(e.value) and "restore them to resume" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -198,6 +198,25 @@ def test_two_processes_train_the_weights_one_process_trains(runs):
     assert not torch.equal(first, weights(one / "2_clip_top1.pt")["adapter.net.0.weight"])  # it trained
 
 
+def test_two_processes_train_a_qformer_as_one_process_does(ddp_env):
+    """ADAPTER=qformer: rank 0 alone writes the patch-token cache while rank 1 waits, then both read it
+    memory-mapped and take their shares of every batch; the weights are the one-process weights."""
+    _, env = ddp_env
+    envs = {n: env(f"qformer-{n}", ADAPTER="qformer", EPOCHS="1") for n in ("one", "two")}
+    res = parallel({"one": lambda: run(["--train"], envs["one"], processes=1),
+                    "two": lambda: run(["--train"], envs["two"], processes=2)})
+    for name in res:
+        assert res[name].returncode == 0, explain(res[name])
+    one, two = (weights(Path(envs[k]["OUTPUT_DIR_MODELS"]) / "1_clip_qformer_top1.pt") for k in ("one", "two"))
+    assert set(one) == set(two) and any(k.startswith("adapter.") for k in one)
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert diff <= 1e-5, f"max weight difference {diff}"
+    written = renames(envs["two"])
+    cache = str(Path(envs["two"]["CACHE_DIR"]) / "features")
+    assert [p for p in written["1"] if p.startswith(cache)] == [], "rank 1 wrote to the feature cache"
+    assert any(p.startswith(cache) for p in written["0"]), written
+
+
 # ---------------------------------------------------------------------------------------------
 # One voice
 # ---------------------------------------------------------------------------------------------

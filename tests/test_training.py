@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +141,19 @@ def test_compiled_fast_path_gives_the_eager_losses_over_an_epoch(tiny_model):
     assert len(losses["eager"]) == 14  # 32 train images x 3 captions, 7 per step: the last one holds 5 (padded)
     for a, b in zip(losses["eager"], losses["fast"]):
         assert b == pytest.approx(a, rel=1e-4), losses
+
+
+def test_where_compiling_fails_the_run_warns_once_and_trains_eager(base_env, tmp_path):
+    """COMPILE=1 on a setup where inductor cannot build its kernels (no C++ compiler at CXX, a fresh
+    inductor cache so nothing compiled earlier is reused): one warning line, then the run trains,
+    validates and saves its checkpoint as usual."""
+    env = {**base_env, "COMPILE": "1", "CXX": str(tmp_path / "no-such-compiler"), "EPOCHS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    res = run_script(["--train"], env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("torch.compile failed") == 1, res.stderr[-3000:]
+    assert "continuing eager" in res.stderr and "Traceback" not in res.stderr
+    assert (Path(env["OUTPUT_DIR_MODELS"]) / "1_clip_top1.pt").is_file()
 
 
 GRAPH_COUNT = """
