@@ -200,7 +200,10 @@ def test_two_processes_train_the_weights_one_process_trains(runs):
 
 def test_two_processes_train_a_qformer_as_one_process_does(ddp_env):
     """ADAPTER=qformer: rank 0 alone writes the patch-token cache while rank 1 waits, then both read it
-    memory-mapped and take their shares of every batch; the weights are the one-process weights."""
+    memory-mapped and take their shares of every batch; the weights are the one-process weights.
+    Except the attention's key biases: softmax ignores a shift shared by all keys, so their true
+    gradient is zero and what they get is rounding noise, which AdamW scales up to full-size steps
+    in both runs alike (seen: 8e-5 apart after 48 steps, while the loss agrees to every digit)."""
     _, env = ddp_env
     envs = {n: env(f"qformer-{n}", ADAPTER="qformer", EPOCHS="1") for n in ("one", "two")}
     res = parallel({"one": lambda: run(["--train"], envs["one"], processes=1),
@@ -209,6 +212,9 @@ def test_two_processes_train_a_qformer_as_one_process_does(ddp_env):
         assert res[name].returncode == 0, explain(res[name])
     one, two = (weights(Path(envs[k]["OUTPUT_DIR_MODELS"]) / "1_clip_qformer_top1.pt") for k in ("one", "two"))
     assert set(one) == set(two) and any(k.startswith("adapter.") for k in one)
+    for k in [k for k in one if k.endswith("in_proj_bias")]:
+        width = one[k].numel() // 3
+        one[k], two[k] = (torch.cat([w[:width], w[2 * width:]]) for w in (one[k], two[k]))  # without the keys'
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
     assert diff <= 1e-5, f"max weight difference {diff}"
     written = renames(envs["two"])
