@@ -586,7 +586,7 @@ def measure_checkpoints(recipe: Recipe, cfg, root: Path) -> dict:
         mtl.save_checkpoint(recipe.model, recipe.opt, run_cfg, epoch, 0, {}, None)
     sizes = {"newest_bytes": mtl.checkpoint_path(run_cfg, 2).stat().st_size,
              "older_bytes": mtl.checkpoint_path(run_cfg, 1).stat().st_size,
-             "trainable_parameters": sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)}
+             "trainable_parameters": sum(mtl.parameter_counts(recipe.model)[k] for k in ("adapter", "lm"))}
     shutil.rmtree(folder, ignore_errors=True)
     return sizes
 
@@ -649,13 +649,14 @@ def measure_variants(assets, root, args, say) -> dict:
         steps = step_batches(model, train_split(split, n * cfg.batch_size * cfg.grad_accum), cfg, n)
         model.train()
         walls = [timed_step(recipe, mb, device)[1] for mb in steps][args.warmup:]
-        adapter = sum(p.numel() for p in model.adapter.parameters())
-        lm = sum(p.numel() for p in model.lm.parameters() if p.requires_grad)
+        counts = mtl.parameter_counts(model)
+        adapter, lm = counts["adapter"], counts["lm"]
         memory = (cuda_step_bytes(recipe, steps[-1], device) if device.type == "cuda"
                   else run_memory_worker("eager", args, assets, root, overrides)["step_bytes"])
+        wall = statistics.median(walls)
         out[name] = {"trainable_adapter": adapter, "trainable_lm": lm, "trainable": adapter + lm,
-                     "step_seconds": statistics.median(walls), "samples_per_s": cfg.batch_size / statistics.median(walls),
-                     "step_bytes": memory}
+                     "step_seconds": wall, "samples_per_s": cfg.batch_size / wall, "step_bytes": memory,
+                     "checkpoint": measure_checkpoints(recipe, cfg, root)}
         say(f"variant {name}: {adapter + lm:,} trainable, {statistics.median(walls):.3f} s per step, "
             f"{gb(memory)} step memory")
         del cfg, encoder, model, split, recipe, steps
@@ -1018,11 +1019,14 @@ def print_table(R: dict) -> None:
 
 
 def print_variants(V: dict) -> None:
-    print("\n| variant | trainable parameters (adapter + LM) | step time | samples/s | step memory |")
-    print("|---|---|---|---|---|")
+    print("\n| variant | trainable parameters (adapter + LM) | step time | samples/s | step memory "
+          "| checkpoint newest / older |")
+    print("|---|---|---|---|---|---|")
     for name, v in V.items():
+        c = v["checkpoint"]
         print(f"| {name} | {v['trainable']:,} ({v['trainable_adapter']:,} + {v['trainable_lm']:,}) | "
-              f"{v['step_seconds']:.3f} s | {v['samples_per_s']:.2f} | {gb(v['step_bytes'])} |")
+              f"{v['step_seconds']:.3f} s | {v['samples_per_s']:.2f} | {gb(v['step_bytes'])} "
+              f"| {c['newest_bytes'] / 1e6:,.0f} MB / {c['older_bytes'] / 1e6:,.0f} MB |")
 
 
 def parse_args(argv=None):

@@ -51,3 +51,22 @@ def test_check_exits_non_zero_when_a_target_is_missed(tiny_run):
     missed = [k for k, ok in R["targets"].items() if not ok]
     assert missed, "a toy model cannot meet the real-shape targets"  # so --check must fail
     assert res.returncode == 1 and "MISSED" in res.stdout
+
+
+def test_variants_report_each_bridge_and_tuning_with_its_own_trainable_weights(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--variants",
+                          "--steps", "1", "--warmup", "1", "--workdir", str(tmp_path / "work"),
+                          "--json", str(tmp_path / "variants.json")],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                              "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    V = json.loads((tmp_path / "variants.json").read_text())["variants"]
+    assert set(V) == {"mlp/top-3", "qformer/top-3", "mlp/LoRA-16"}
+    mlp, qformer, lora = V["mlp/top-3"], V["qformer/top-3"], V["mlp/LoRA-16"]
+    assert mlp["trainable_lm"] == qformer["trainable_lm"] > lora["trainable_lm"] > 0  # same blocks; LoRA's matrices
+    assert mlp["trainable_adapter"] == lora["trainable_adapter"] != qformer["trainable_adapter"]
+    for v in V.values():
+        assert v["trainable"] == v["trainable_adapter"] + v["trainable_lm"] and v["step_seconds"] > 0
+        assert v["checkpoint"]["newest_bytes"] > v["checkpoint"]["older_bytes"] > 4 * v["trainable"]
+    assert "| mlp/LoRA-16 |" in res.stdout
