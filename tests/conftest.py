@@ -366,3 +366,41 @@ def qformer_runs(shared_env, tiny_vit_dir):
 def qformer_checkpoint(runs: dict, kind: str, name: str, epoch: int) -> dict:
     """Checkpoint `epoch` of run `name` (A, C or D) of `qformer_runs` with encoder `kind`."""
     return torch.load(runs["root"] / kind / name / "models" / f"{epoch}_{kind}_qformer_top1.pt", weights_only=True)
+
+
+# A script that builds the model from the environment, compiles the fast path with the light aot_eager
+# backend (dynamo decides the graphs; the backend only turns each into kernels), then runs a training
+# step and a scoring pass at every caption length and prints the number of length buckets. With
+# up_front, as under torchrun (where every graph compiles inside use_fast_path), it marks in stderr
+# where compiling up front ended.
+FAST_PATH_SCRIPT = """
+import functools, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import multimodal_transfer_learning as mtl
+torch.compile = functools.partial(torch.compile, backend="aot_eager")
+up_front = sys.argv[2] == "up-front"
+mtl.DIST = mtl.Dist(0, 1, 0, launched=up_front)  # as under torchrun (one process: no exchange needed below)
+cfg = mtl.load_config(dict(os.environ))
+encoder, model = mtl.build_model(cfg, *mtl.resolve_device(cfg))
+mtl.use_fast_path(model, training=True)
+print("compiled up front", file=sys.stderr, flush=True)
+mtl.DIST = mtl.Dist()  # no process group: the steps below exchange nothing
+opt = mtl.make_optimizer(model, cfg)
+features = torch.randn(cfg.batch_size, encoder.dim)
+for n in range(1, cfg.max_caption_tokens + 1):  # every caption length, EOS included
+    model.train()
+    mtl.train_step(model, opt, [(features, [[5] * n] * cfg.batch_size, None)], cfg.grad_clip)
+    model.eval()
+    with torch.no_grad():
+        model.caption_log_likelihood(features[:3], [[5] * n, [5] * max(1, n // 3), [5]])
+print("buckets", len(model.length_buckets))
+"""
+
+
+def run_fast_path_script(env: dict[str, str], up_front: bool = False) -> tuple[str, int]:
+    """FAST_PATH_SCRIPT's stderr (TORCH_LOGS=recompiles lines included) and number of length buckets."""
+    res = subprocess.run([sys.executable, "-c", FAST_PATH_SCRIPT, str(ROOT), "up-front" if up_front else "lazy"],
+                         env={**env, "TORCH_LOGS": "recompiles"}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stderr, int(re.search(r"buckets (\d+)", res.stdout).group(1))
+

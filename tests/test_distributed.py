@@ -27,7 +27,7 @@ import torch
 
 import multimodal_transfer_learning as mtl
 from conftest import (SCRIPT, error_lines, explain, leftover_temp_files, make_env, parallel, path_without_java,
-                      wandb_runs, weights, write_images)
+                      run_fast_path_script, wandb_runs, weights, write_images)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR)\s+(.*)")
@@ -374,38 +374,11 @@ def test_a_plain_process_is_not_distributed_and_torchrun_variables_are_read():
 # The compiled fast path: no rank compiles while the others wait
 # ---------------------------------------------------------------------------------------------
 
-COMPILED_UP_FRONT = """
-import functools, os, sys, torch
-sys.path.insert(0, sys.argv[1])
-import multimodal_transfer_learning as mtl
-torch.compile = functools.partial(torch.compile, backend="aot_eager")
-mtl.DIST = mtl.Dist(0, 1, 0, launched=True)  # as under torchrun (one process: no exchange is needed below)
-cfg = mtl.load_config(dict(os.environ))
-encoder, model = mtl.build_model(cfg, *mtl.resolve_device(cfg))
-mtl.use_fast_path(model, training=True)
-print("compiled up front", file=sys.stderr, flush=True)
-mtl.DIST = mtl.Dist()  # no process group in this test: the steps below exchange nothing
-opt = mtl.make_optimizer(model, cfg)
-features = torch.randn(cfg.batch_size, encoder.dim)
-for n in range(1, cfg.max_caption_tokens + 1):  # every caption length, EOS included
-    model.train()
-    mtl.train_step(model, opt, [(features, [[5] * n] * cfg.batch_size, None)], cfg.grad_clip)
-    model.eval()
-    with torch.no_grad():
-        model.caption_log_likelihood(features[:3], [[5] * n, [5] * max(1, n // 3), [5]])
-print("buckets", len(model.length_buckets))
-"""
-
-
 def test_under_torchrun_every_graph_compiles_before_training(base_env):
     """Counted from TORCH_LOGS=recompiles (the light aot_eager backend stands in for inductor: dynamo
     decides the graphs): all training and evaluation graphs compile in `use_fast_path`, none later."""
-    from conftest import ROOT
-    env = {**base_env, "TORCH_LOGS": "recompiles", "MAX_CAPTION_TOKENS": "23", "BATCH_SIZE": "4", "EVAL_BATCH_SIZE": "8"}
-    res = subprocess.run([sys.executable, "-c", COMPILED_UP_FRONT, str(ROOT)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    before, after = res.stderr.split("compiled up front")
-    buckets = int(re.search(r"buckets (\d+)", res.stdout).group(1))
+    stderr, buckets = run_fast_path_script({**base_env, "MAX_CAPTION_TOKENS": "23", "BATCH_SIZE": "4",
+                                            "EVAL_BATCH_SIZE": "8"}, up_front=True)
+    before, after = stderr.split("compiled up front")
     assert before.count("Recompiling function decode_eager") + 1 == 2 * buckets, before[-3000:]
     assert after.count("Recompiling function decode_eager") == 0, after[-3000:]

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
-from conftest import error_lines, explain, parallel, qformer_checkpoint, run_script, text, wandb_runs, weights
+from conftest import (error_lines, explain, parallel, qformer_checkpoint, run_fast_path_script, run_script, text,
+                      wandb_runs, weights)
 
 
 def test_training_iterates_over_every_caption_pair(tiny_model, image_folder):
@@ -156,40 +157,14 @@ def test_where_compiling_fails_the_run_warns_once_and_trains_eager(base_env, tmp
     assert (Path(env["OUTPUT_DIR_MODELS"]) / "1_clip_top1.pt").is_file()
 
 
-GRAPH_COUNT = """
-import functools, os, sys, torch
-sys.path.insert(0, sys.argv[1])
-import multimodal_transfer_learning as mtl
-torch.compile = functools.partial(torch.compile, backend="aot_eager")
-cfg = mtl.load_config(dict(os.environ))
-encoder, model = mtl.build_model(cfg, *mtl.resolve_device(cfg))
-mtl.use_fast_path(model, training=True)
-opt = mtl.make_optimizer(model, cfg)
-features = torch.randn(cfg.batch_size, encoder.dim)
-for n in range(1, cfg.max_caption_tokens + 1):  # every caption length, EOS included
-    model.train()
-    mtl.train_step(model, opt, [(features, [[5] * n] * cfg.batch_size, None)], cfg.grad_clip)
-    model.eval()
-    with torch.no_grad():
-        model.caption_log_likelihood(features[:3], [[5] * n, [5] * max(1, n // 3), [5]])
-print("buckets", len(model.length_buckets))
-"""
-
-
 def test_fast_path_compiles_at_most_8_graphs_for_caption_lengths_1_to_48(base_env):
     """Counted from TORCH_LOGS=recompiles, training and evaluation shapes for every caption length.
     Dynamo decides the graphs (guards on shapes and grad mode); the backend only turns each graph
     into kernels, so the light aot_eager backend stands in for inductor here (the loss equality
     above runs inductor itself)."""
-    import subprocess
-    import sys
-    from conftest import ROOT
-    env = {**base_env, "TORCH_LOGS": "recompiles", "MAX_CAPTION_TOKENS": "47", "BATCH_SIZE": "4", "EVAL_BATCH_SIZE": "8"}
-    res = subprocess.run([sys.executable, "-c", GRAPH_COUNT, str(ROOT)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    recompiles = res.stderr.count("Recompiling function decode_eager")
-    buckets = int(re.search(r"buckets (\d+)", res.stdout).group(1))
+    stderr, buckets = run_fast_path_script({**base_env, "MAX_CAPTION_TOKENS": "47", "BATCH_SIZE": "4",
+                                            "EVAL_BATCH_SIZE": "8"})
+    recompiles = stderr.count("Recompiling function decode_eager")
     assert recompiles + 1 == 2 * buckets <= 8, (recompiles, buckets)
 
 
