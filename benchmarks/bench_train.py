@@ -657,7 +657,7 @@ def measure_variants(assets, root, args, say) -> dict:
         out[name] = {"trainable_adapter": adapter, "trainable_lm": lm, "trainable": adapter + lm,
                      "step_seconds": wall, "samples_per_s": cfg.batch_size / wall, "step_bytes": memory,
                      "checkpoint": measure_checkpoints(recipe, cfg, root)}
-        say(f"variant {name}: {adapter + lm:,} trainable, {statistics.median(walls):.3f} s per step, "
+        say(f"variant {name}: {adapter + lm:,} trainable, {wall:.3f} s per step, "
             f"{gb(memory)} step memory")
         del cfg, encoder, model, split, recipe, steps
         gc.collect()
