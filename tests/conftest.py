@@ -119,13 +119,17 @@ def write_images(folder: Path, n: int) -> list[dict]:
     return rows
 
 
+def write_image_folder(folder: Path, n: int) -> Path:
+    """A local image folder (a DATASET): n images and their metadata.jsonl."""
+    rows = write_images(folder, n)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """A local image folder of 40 images with metadata.jsonl."""
-    folder = tmp_path / "images"
-    rows = write_images(folder, 40)
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+    return write_image_folder(tmp_path / "images", 40)
 
 
 @pytest.fixture
@@ -289,9 +293,7 @@ def shared_env(tmp_path_factory, tiny_lm_dir, tiny_clip_dir):
     """(root, env factory) for session-wide runs: one 40-image dataset folder, and PATH without Java.
     env(name, **overrides) gives the environment of a run that writes under root/name."""
     root = tmp_path_factory.mktemp("runs")
-    data = root / "images"
-    rows = write_images(data, 40)
-    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_image_folder(root / "images", 40)
     path = path_without_java(root / "path")
 
     def env(name: str, **overrides) -> dict[str, str]:

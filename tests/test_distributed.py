@@ -27,7 +27,7 @@ import torch
 
 import multimodal_transfer_learning as mtl
 from conftest import (SCRIPT, error_lines, explain, leftover_temp_files, make_env, parallel, path_without_java,
-                      run_fast_path_script, wandb_runs, weights, write_images)
+                      run_fast_path_script, wandb_runs, weights, write_image_folder)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR)\s+(.*)")
@@ -81,9 +81,7 @@ def log_lines(stderr: str, root: Path) -> Counter:
 @pytest.fixture(scope="module")
 def ddp_env(tmp_path_factory, tiny_lm_dir, tiny_clip_dir):
     root = tmp_path_factory.mktemp("distributed")
-    data = root / "images"
-    rows = write_images(data, 79)
-    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_image_folder(root / "images", 79)
     path = path_without_java(root / "path")
 
     def env(name: str, **overrides) -> dict[str, str]:
