@@ -1,27 +1,26 @@
 #!/usr/bin/env python3
-"""Turn a text-only base LM into an image captioner.
+"""Turn a text-only base LM into a vision-language model that captions images and answers questions.
 
-Recipe: a frozen vision encoder (CLIP ViT-B/32: 512-d projected image embedding, or
-ViT-B/16: 768-d CLS) -> a trainable 2-layer MLP adapter (ADAPTER=qformer: learned queries that
-cross-attend the encoder's patch tokens instead) -> NUM_VISUAL_TOKENS vectors in
-the LM's embedding space -> [visual][prompt][caption][EOS] -> Qwen3-0.6B-Base with only
-its top TOP_K blocks unfrozen -> cross-entropy on the caption and EOS tokens only.
+Recipe: a frozen vision encoder (CLIP ViT-B/32: 512-d projected image embedding, or ViT-B/16: 768-d
+CLS) -> a trainable bridge (ADAPTER=mlp: a 2-layer MLP over that embedding; ADAPTER=qformer: learned
+queries that cross-attend the encoder's patch tokens) -> NUM_VISUAL_TOKENS vectors in the LM's
+embedding space -> [visual][prompt][caption][EOS] -> Qwen3-0.6B-Base with its top TOP_K blocks
+unfrozen (TUNING=lora: LoRA matrices on every block instead) -> cross-entropy on caption + EOS only.
 
     python multimodal_transfer_learning.py --train            # train, validate, checkpoint each epoch
     python multimodal_transfer_learning.py --test             # evaluate the last checkpoint on the test split
     python multimodal_transfer_learning.py --caption a.jpg    # caption your own images
-    python multimodal_transfer_learning.py --train --demo     # offline demo on synthetic shapes, CPU-friendly
+    python multimodal_transfer_learning.py --ask "What colour is the car?" a.jpg
     torchrun --standalone --nproc_per_node 8 multimodal_transfer_learning.py --train   # the same run on 8 GPUs
-    python multimodal_transfer_learning.py --sweep a.env b.env  # train + test each variant, then compare them
-    python multimodal_transfer_learning.py --export DIR       # share a checkpoint (--push-to-hub REPO_ID)
 
-Configuration comes from `.env` (or --env-file), overridden by real environment variables;
-see `.env.example` or `--help` for every variable. The contract lives in SPEC.md.
+This file is the recipe and runs alone. The workflow around it (--demo, --sweep, --compare, --export,
+--caption --explain) lives in workflow_tools.py beside it, imported only by those commands.
+Configuration comes from `.env` (or --env-file), overridden by real environment variables; see
+`.env.example` or `--help` for every variable.
 """
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import csv
 import dataclasses
@@ -29,7 +28,6 @@ import datetime
 import errno
 import hashlib
 import io
-import itertools
 import json
 import logging
 import math
@@ -38,7 +36,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from dotenv import dotenv_values
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 log = logging.getLogger("mtl")
@@ -239,13 +236,12 @@ def keys_defining(what: str) -> tuple[str, ...]:
 
 
 DEFAULT_VISION_MODELS = {"clip": "openai/clip-vit-base-patch32", "vit": "google/vit-base-patch16-224-in21k"}
+
+
 MODEL_KEYS, DATA_KEYS, TRAINING_KEYS = keys_defining("model"), keys_defining("data"), keys_defining("training")
+
+
 SECRET_ENV = tuple(f.name.upper() for f in dataclasses.fields(Config) if f.metadata["secret"])
-# What --demo sets (real environment variables still win; see `read_environment`).
-DEMO_PRESET = {"EPOCHS": "6", "BATCH_SIZE": "32", "LR_ADAPTER": "2e-3", "LR_QWEN": "2e-3", "WARMUP_RATIO": "0.05",
-               "NUM_VISUAL_TOKENS": "4", "ADAPTER_HIDDEN": "256", "PROMPT": "caption:", "MAX_CAPTION_TOKENS": "16",
-               "MAX_NEW_TOKENS": "16", "VAL_CAPTION_IMAGES": "0", "RETRIEVAL_POOL": "50", "DEVICE": "cpu",
-               "DTYPE": "fp32", "NUM_WORKERS": "0", "NO_REPEAT_NGRAM": "0"}
 
 
 def _parse_value(raw: str, typ):
@@ -284,7 +280,7 @@ def read_environment(env_file: str | None, demo: bool, environ: dict[str, str] |
     file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
     if demo:
         file_values = {k: v for k, v in file_values.items() if v and (k.startswith("WANDB_") or k in SECRET_ENV)}
-        file_values = {**DEMO_PRESET, **file_values}
+        file_values = {**workflow_tools("--demo").DEMO_PRESET, **file_values}
     return {**file_values, **(os.environ if environ is None else environ)}
 
 
@@ -427,6 +423,8 @@ def progress_bar(iterable=None, **kw):
 # Where every rank does the same work (gradients, evaluation), a rank that waits longer than this
 # for the others has lost one of them: the run stops instead of hanging.
 LOCKSTEP_TIMEOUT = datetime.timedelta(seconds=60)
+
+
 # Where the others wait for rank 0 alone (its metrics, checkpoint or feature cache), minutes are normal.
 WAIT_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -696,6 +694,18 @@ def split_by_image(image_ids, seed: int) -> dict[str, list[str]]:
             "test": sorted(ids[n_train + n_val:])}
 
 
+def check_bad_data(num_total: int, skipped: dict[str, str], cfg: Config) -> None:
+    """Report skipped images; refuse to train on a dataset where too many are broken."""
+    if not skipped:
+        return
+    first = "; ".join(f"{i} ({why})" for i, why in list(skipped.items())[:5])
+    log.warning(f"skipped {len(skipped)} of {num_total} images: {first}{' ...' if len(skipped) > 5 else ''}")
+    share = len(skipped) / max(num_total, 1)
+    if share > cfg.max_bad_fraction:
+        raise UserError(f"{share:.1%} of the images are missing, undecodable or caption-less "
+                        f"(MAX_BAD_FRACTION={cfg.max_bad_fraction}); fix the dataset or raise MAX_BAD_FRACTION")
+
+
 # =============================================================================================
 # Vision encoder and feature cache
 # =============================================================================================
@@ -767,13 +777,13 @@ def _keep_batch(items):
     return items
 
 
-def encode_images(records, store, encoder: VisionEncoder, cfg: Config) -> tuple[torch.Tensor, dict[str, str]]:
-    """Embed every image once, batched. Returns (N, *feature_shape) features and {image_id: why} for bad images."""
-    feats = torch.zeros(len(records), *encoder.feature_shape)
-    return feats, encode_into(feats, records, store, encoder, cfg)
+def encode_records(records, store, encoder: VisionEncoder, cfg: Config) -> tuple[torch.Tensor, dict[str, str]]:
+    """Every record's image encoded, batched: (N, *feature_shape) features and {image_id: why} for bad images."""
+    features = torch.zeros(len(records), *encoder.feature_shape)
+    return features, encode_records_into(features, records, store, encoder, cfg)
 
 
-def encode_into(out: torch.Tensor, records, store, encoder: VisionEncoder, cfg: Config) -> dict[str, str]:
+def encode_records_into(out: torch.Tensor, records, store, encoder: VisionEncoder, cfg: Config) -> dict[str, str]:
     """Encode records[i] into out[i], batched, with a progress bar; returns {image_id: why} for bad images
     (their rows are left as they were). `out` may be any slice of a table, a memory-mapped one included,
     so that the work can be shared out."""
@@ -833,7 +843,7 @@ def cached_features(cfg: Config, encoder: VisionEncoder, records, store) -> tupl
         blob = torch.load(path, weights_only=True)
         log.info(f"image features: read {len(blob['ids'])} from cache {path}")
     else:
-        shares = DIST.gather(encode_images(records[DIST.share(len(records))], store, encoder, cfg), patient=True)
+        shares = DIST.gather(encode_records(records[DIST.share(len(records))], store, encoder, cfg), patient=True)
         feats, bad = torch.cat([f for f, _ in shares]), {i: why for _, b in shares for i, why in b.items()}
         ok = [i for i, r in enumerate(records) if r.image_id not in bad]
         blob = {"ids": [records[i].image_id for i in ok], "features": feats[ok].contiguous(), "bad": bad}
@@ -871,74 +881,27 @@ def write_patch_cache(path: Path, records, store, encoder: VisionEncoder, cfg: C
     shape = (len(records), *encoder.feature_shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(path.parent, math.prod(shape) * 2, "the patch-token cache")
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        table = np.lib.format.open_memmap(tmp / PATCH_TABLE, mode="w+", dtype=np.float16, shape=shape)
-        reserve_disk_space(tmp / PATCH_TABLE)
-        bad = encode_into(torch.from_numpy(table), records, store, encoder, cfg)
-        table.flush()
-        del table
-        index = {"ids": [r.image_id for r in records], "bad": bad}
-        atomic_write(tmp / PATCH_INDEX, lambda fh: fh.write(json.dumps(index).encode()))
-        os.replace(tmp, path)
-        fsync_folder(path.parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        cause = _os_error_in(e)
-        if cause and not isinstance(e, UserError):
-            raise UserError(f"could not write the patch-token cache in {path.parent} ({cause}); free disk space "
-                            "or point CACHE_DIR at a larger disk") from e
-        raise
-
-
-def check_free_space(folder: Path, needed: int, what: str) -> None:
-    """Stop before writing `needed` bytes under `folder` if the disk cannot hold them."""
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise UserError(f"{what} needs {readable_size(needed)} in {folder}, but only {readable_size(free)} is free: "
-                        "free some space or point CACHE_DIR at a larger disk")
-
-
-def readable_size(num_bytes: int) -> str:
-    size = float(num_bytes)
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1000
-
-
-def reserve_disk_space(path: Path) -> None:
-    """Allocate a sparse file's blocks now: a memory-mapped write into a full disk kills the process with
-    SIGBUS instead of raising, so a disk filled by others meanwhile must fail here, as an OSError."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: go on
+        with atomic_folder(path) as tmp:
+            table = np.lib.format.open_memmap(tmp / PATCH_TABLE, mode="w+", dtype=np.float16, shape=shape)
+            reserve_disk_space(tmp / PATCH_TABLE)
+            bad = encode_records_into(torch.from_numpy(table), records, store, encoder, cfg)
+            table.flush()
+            del table
+            index = {"ids": [r.image_id for r in records], "bad": bad}
+            atomic_write(tmp / PATCH_INDEX, lambda fh: fh.write(json.dumps(index).encode()))
+    except Exception as e:
+        if isinstance(e, UserError) or not _os_error_in(e):
             raise
-    finally:
-        os.close(fd)
-
-
-def check_bad_data(num_total: int, skipped: dict[str, str], cfg: Config) -> None:
-    """Report skipped images; refuse to train on a dataset where too many are broken."""
-    if not skipped:
-        return
-    first = "; ".join(f"{i} ({why})" for i, why in list(skipped.items())[:5])
-    log.warning(f"skipped {len(skipped)} of {num_total} images: {first}{' ...' if len(skipped) > 5 else ''}")
-    share = len(skipped) / max(num_total, 1)
-    if share > cfg.max_bad_fraction:
-        raise UserError(f"{share:.1%} of the images are missing, undecodable or caption-less "
-                        f"(MAX_BAD_FRACTION={cfg.max_bad_fraction}); fix the dataset or raise MAX_BAD_FRACTION")
+        raise UserError(f"could not write the patch-token cache in {path.parent} ({_os_error_in(e)}); free disk "
+                        "space or point CACHE_DIR at a larger disk") from e
 
 
 # =============================================================================================
-# Adapter and language model
+# Adapter, language model and fast path
 # =============================================================================================
 
-class Adapter(nn.Module):
+class MLPAdapter(nn.Module):
     """2-layer MLP: one image embedding -> NUM_VISUAL_TOKENS vectors of the LM's hidden size."""
 
     def __init__(self, in_dim: int, hidden: int, num_tokens: int, lm_dim: int):
@@ -1013,10 +976,7 @@ def make_adapter(cfg: Config, feature_shape: tuple, lm_dim: int) -> nn.Module:
     """ADAPTER: the MLP over one image embedding (D,), or the Q-Former over patch tokens (P, D)."""
     if cfg.adapter == "qformer":
         return QFormer(feature_shape, cfg.num_visual_tokens, cfg.qformer_layers, lm_dim)
-    return Adapter(feature_shape[0], cfg.adapter_hidden, cfg.num_visual_tokens, lm_dim)
-
-
-LENGTH_BUCKETS = 4  # text lengths the compiled fast path pads to: at most 4 graphs for training, 4 for evaluation
+    return MLPAdapter(feature_shape[0], cfg.adapter_hidden, cfg.num_visual_tokens, lm_dim)
 
 
 def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
@@ -1056,14 +1016,6 @@ def check_tuning_support(cfg: Config, device: torch.device) -> None:
                         "set QLORA=0 to train LoRA on the unquantized LM", exit_code=2)
     require_package("bitsandbytes", "QLORA=1")
     require_package("accelerate", "QLORA=1")  # transformers places quantized weights through it
-
-
-def require_package(name: str, needed_by: str, exit_code: int = 2) -> None:
-    import importlib
-    try:
-        importlib.import_module(name)
-    except ImportError as e:
-        raise UserError(f"{needed_by} needs the optional package {name} ({e}): pip install {name}", exit_code) from None
 
 
 def read_lm_config(cfg: Config):
@@ -1152,6 +1104,9 @@ def decoder_blocks(lm) -> nn.ModuleList:
     return decoder_base(lm).layers
 
 
+LENGTH_BUCKETS = 4  # text lengths the compiled fast path pads to: at most 4 graphs for training, 4 for evaluation
+
+
 class Captioner(nn.Module):
     """Adapter + LM. Holds the tokenizer, the prompts, the precision policy and the input shapes in one place."""
 
@@ -1175,7 +1130,7 @@ class Captioner(nn.Module):
         longest = max(len(p) for p in [self.prompt_ids, *self.train_prompt_ids]) + cfg.max_caption_tokens + 1
         self.length_buckets = sorted({max(8, longest - 8 * i) for i in range(LENGTH_BUCKETS)})
         self.feature_shape = tuple(feature_shape)  # of one image: (D,) pooled, (P, D) patch tokens
-        self.decode = self.decode_eager  # the compiled fast path replaces it (see `use_fast_path`)
+        self.run_blocks = self.run_blocks_eager  # the compiled fast path replaces it (see `use_fast_path`)
         lm.config.use_cache = False
 
     def tokenize_prompt(self, text: str) -> list[int]:
@@ -1203,16 +1158,16 @@ class Captioner(nn.Module):
         ids = self.tokenizer([self.caption_prefix + c for c in captions], add_special_tokens=False)["input_ids"]
         return [x[: self.max_caption_tokens] + [self.tokenizer.eos_token_id] for x in ids]
 
-    def layout(self, caption_ids: list[list[int]], prompt_ids=None, pad_to: int = 0):
+    def layout(self, caption_ids: list[list[int]], prompt_ids=None):
         """The text part of a batch on the host: token ids (B', L) of [prompt][caption][EOS] per row,
         right-padded, and the attention mask and labels (B', V + L) of [visual][text].
 
         Labels are -100 everywhere except at caption and EOS positions. Rows pad to the longest of the
-        batch (or to `pad_to` caption tokens, for comparisons); with fixed shapes, to a length bucket, and
-        extra rows fill the batch up: fully attended (so their activations stay finite), never supervised."""
+        batch; with fixed shapes, to a length bucket, and extra rows fill the batch up: fully attended
+        (so their activations stay finite), never supervised."""
         prompts = prompt_ids or [self.prompt_ids] * len(caption_ids)
         V = self.adapter.num_tokens
-        L = max(max(len(p) for p in prompts) + pad_to, *(len(p) + len(c) for p, c in zip(prompts, caption_ids)))
+        L = max(len(p) + len(c) for p, c in zip(prompts, caption_ids))
         B = len(caption_ids)
         if self.fixed_shapes:
             L = next((b for b in self.length_buckets if b >= L), L)
@@ -1234,11 +1189,66 @@ class Captioner(nn.Module):
             visual = torch.cat([visual, visual.new_zeros(text.shape[0] - visual.shape[0], *visual.shape[1:])])
         return torch.cat([visual.to(text.dtype), text], dim=1)
 
-    def build_inputs(self, features: torch.Tensor, caption_ids: list[list[int]], prompt_ids=None, pad_to: int = 0):
-        """inputs_embeds, attention_mask and labels on the device (see `layout`)."""
-        ids, mask, labels = (self.to_device(t) for t in self.layout(caption_ids, prompt_ids, pad_to))
-        with self.autocast():
-            return self.embed(features, ids), mask, labels
+    # ---- the decoder blocks: eager, or the compiled fast path ----
+    def run_blocks_eager(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decoder stack without its head: (B, T, H) input embeddings -> (B, T, H) hidden states."""
+        return decoder_base(self.lm)(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.run_blocks(embeds, mask)
+        except Exception as e:
+            if not self.fixed_shapes:
+                raise
+            self.go_eager(e)  # a real bug fails again below, eagerly, with its own traceback
+            return self.run_blocks(embeds, mask)
+
+    def use_fast_path(self, training: bool) -> None:
+        """The whole decoder stack, frozen blocks included, compiled: kernels fused across the RMSNorm, RoPE,
+        SwiGLU and dtype-cast elementwise work that dominates eager launches, one graph per padded shape
+        (LENGTH_BUCKETS lengths, for training and for evaluation). Training compiles its first graph here,
+        forward and backward, so that a setup where compiling fails says so in one line and runs eager.
+        Under torchrun every graph compiles here (see `compile_every_shape`)."""
+        self.fixed_shapes = True
+        self.run_blocks = torch.compile(self.run_blocks_eager, dynamic=False)
+        if training:
+            was_training = self.training
+            self.train()
+            try:
+                self(torch.zeros(1, *self.feature_shape), [[self.tokenizer.eos_token_id]]).backward()
+            except Exception as e:
+                self.go_eager(e)
+            self.zero_grad(set_to_none=True)
+            self.train(was_training)
+        self.compile_every_shape(training)
+
+    def go_eager(self, why: Exception | None = None) -> None:
+        """Leave the fast path: eager blocks, batches padded to their own longest. `why`: the compile failure
+        that forces it, said in one warning line."""
+        if why is not None:
+            text = (str(why).strip().splitlines() or [""])[0][:200]
+            log.warning(f"torch.compile failed ({type(why).__name__}: {text}); continuing eager "
+                        "(COMPILE=0 skips compiling)")
+        self.run_blocks, self.fixed_shapes = self.run_blocks_eager, False
+
+    def compile_every_shape(self, training: bool) -> None:
+        """Under torchrun: compile now the graph of every padded shape (each length bucket; for evaluation, and
+        forward and backward for training), each rank on its own. Compiled on first use instead, a rank would
+        compile for a minute or more while the others wait for it in a lockstep exchange (LOCKSTEP_TIMEOUT)."""
+        if not DIST.launched or not self.fixed_shapes:
+            return
+        was_training = self.training
+        features, no_prompt = torch.zeros(1, *self.feature_shape), [[]]  # the caption alone sets the length
+        for length in self.length_buckets:
+            caption = [[self.tokenizer.eos_token_id] * length]
+            self.eval()
+            with torch.no_grad():
+                self.token_losses(features, caption, no_prompt)
+            if training:
+                self.train()
+                self(features, caption, no_prompt).backward()
+        self.zero_grad(set_to_none=True)
+        self.train(was_training)
 
     # ---- losses ----
     def token_losses(self, features, caption_ids, prompt_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1258,24 +1268,6 @@ class Captioner(nn.Module):
             hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
             logits = self.lm.get_output_embeddings()(hidden)
         return F.cross_entropy(logits.float(), targets, reduction="none"), rows
-
-    def decode_eager(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The decoder stack without its head: (B, T, H) input embeddings -> (B, T, H) hidden states."""
-        return decoder_base(self.lm)(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-
-    def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.decode(embeds, mask)
-        except Exception as e:
-            if self.decode == self.decode_eager:
-                raise
-            self.fall_back_to_eager(e)  # a real bug fails again below, eagerly, with its own traceback
-            return self.decode(embeds, mask)
-
-    def fall_back_to_eager(self, e: Exception) -> None:
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        log.warning(f"torch.compile failed ({type(e).__name__}: {why}); continuing eager (COMPILE=0 skips compiling)")
-        self.decode, self.fixed_shapes = self.decode_eager, False
 
     def forward(self, features, caption_ids, prompt_ids=None, tokens: float = 0) -> torch.Tensor:
         """The training loss: the mean over all supervised tokens of the batch (as `lm(..., labels=...)`
@@ -1362,102 +1354,6 @@ def use_liger_kernels(lm, device: torch.device) -> None:
 def wants_compile(cfg: Config, device: torch.device) -> bool:
     """COMPILE=auto: the fused fast path where it pays (CUDA); eager on CPU, where compiling costs more than it wins."""
     return cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda")
-
-
-def use_fast_path(model: Captioner, training: bool) -> None:
-    """The whole decoder stack, frozen blocks included, compiled: kernels fused across the RMSNorm, RoPE,
-    SwiGLU and dtype-cast elementwise work that dominates eager launches, one graph per padded shape
-    (LENGTH_BUCKETS lengths, for training and for evaluation). Training compiles its first graph here,
-    forward and backward, so that a setup where compiling fails says so in one line and runs eager.
-    Under torchrun every graph compiles here (see `compile_every_shape`)."""
-    model.fixed_shapes = True
-    model.decode = torch.compile(model.decode_eager, dynamic=False)
-    if not training:
-        compile_every_shape(model, training)
-        return
-    was_training = model.training
-    model.train()
-    try:
-        model(torch.zeros(1, *model.feature_shape), [[model.tokenizer.eos_token_id]]).backward()
-    except Exception as e:
-        model.fall_back_to_eager(e)
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    compile_every_shape(model, training)
-
-
-def compile_every_shape(model: Captioner, training: bool) -> None:
-    """Under torchrun: compile now the graph of every padded shape (each length bucket; for evaluation, and
-    forward and backward for training), each rank on its own. Compiled on first use instead, a rank would
-    compile for a minute or more while the others wait for it in a lockstep exchange (LOCKSTEP_TIMEOUT)."""
-    if not DIST.launched or model.decode == model.decode_eager:
-        return
-    was_training = model.training
-    features, no_prompt = torch.zeros(1, *model.feature_shape), [[]]  # the caption alone sets the length
-    for length in model.length_buckets:
-        caption = [[model.tokenizer.eos_token_id] * length]
-        model.eval()
-        with torch.no_grad():
-            model.token_losses(features, caption, no_prompt)
-        if training:
-            model.train()
-            model(features, caption, no_prompt).backward()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-
-
-def go_offline_if_hub_unreachable(cfg: Config, timeout: float = 5.0) -> None:
-    """Unless HF_HUB_OFFLINE is set and something is to come from the hub: if the hub does not answer
-    within `timeout`, work offline for this run (cached copies still load) instead of letting the hub
-    client retry every file with back-off for ~25 s before failing."""
-    from huggingface_hub import constants
-    hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if is_hub_id(n)]
-    if constants.HF_HUB_OFFLINE or not hub_names:
-        return
-    import httpx
-    try:
-        httpx.head(constants.ENDPOINT, timeout=timeout, trust_env=True)  # any HTTP answer means reachable
-        return
-    except httpx.HTTPError as e:
-        reason = f"{type(e).__name__}: {e}"
-    log.warning(f"the Hugging Face Hub ({constants.ENDPOINT}) is unreachable ({reason}); "
-                "working offline from cached copies (set HF_HUB_OFFLINE=1 to skip this check)")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # for worker processes
-    constants.HF_HUB_OFFLINE = True
-    import datasets.config
-    datasets.config.HF_HUB_OFFLINE = True
-
-
-def call_hub(var: str, name: str, fn, *args, **kwargs):
-    """Run a hub loader; turn the usual failures into one line that names the fix."""
-    from huggingface_hub import errors as hub_errors
-    try:
-        return fn(*args, **kwargs)
-    except UserError:
-        raise
-    except Exception as e:
-        text = f"{type(e).__name__}: {e}"
-        log.debug("hub failure", exc_info=True)
-        local_hint = f"or point {var} at a local copy"
-        kind = " --repo-type dataset" if var == "DATASET" else ""
-        if looks_local(name) and not Path(name).expanduser().exists():
-            msg = f"{var}={name}: no such local directory (check the path, or give a hub id like owner/name)"
-        elif isinstance(e, hub_errors.GatedRepoError) or "gated" in text.lower():
-            msg = f"{var}={name} is gated: accept its terms on huggingface.co and set HF_TOKEN"
-        elif "401" in text or "Invalid credentials" in text or "Invalid user token" in text:
-            msg = f"{var}={name}: the hub rejected HF_TOKEN (check or renew the token)"
-        elif isinstance(e, (hub_errors.RepositoryNotFoundError,)) or "not a valid model identifier" in text \
-                or "doesn't exist on the Hub" in text or "DatasetNotFoundError" in text:
-            msg = f"{var}={name} was not found on the hub: check the spelling, {local_hint}"
-        elif isinstance(e, (OSError, ConnectionError, hub_errors.OfflineModeIsEnabled, hub_errors.HfHubHTTPError)) \
-                or "offline" in text.lower() or "connect" in text.lower():
-            msg = (f"{var}={name} could not be fetched (no network, or HF_HUB_OFFLINE=1 and it is not cached; "
-                   "offline a misspelled name looks the same, so check it too): "
-                   f"download it where there is network (`hf download {name}{kind} --local-dir DIR`) "
-                   f"and set {var}=DIR")
-        else:
-            raise
-        raise UserError(msg) from e
 
 
 # =============================================================================================
@@ -1665,6 +1561,15 @@ def train_epoch(model: nn.Module, opt, train: Split, cfg: Config, epoch: int, st
 # Evaluation and metrics
 # =============================================================================================
 
+# Every metric --test reports, in the order tables show them, and where else each is shown: "card" in
+# an export's model card, "plot" in --compare's bar chart. Only the loss is better when lower.
+METRICS = {"loss": "card", "BLEU-1": "card", "BLEU-2": "", "BLEU-3": "", "BLEU-4": "card plot",
+           "METEOR": "card plot", "ROUGE-L": "card plot", "CIDEr": "card plot", "Recall@1": "card plot",
+           "Recall@5": "card plot", "Precision@1": "card", "Precision@5": "card", "T2I-Recall@1": "", "T2I-Recall@5": ""}
+LOWER_IS_BETTER = ("loss",)
+SIZE_KEYS = ("retrieval_pool", "num_images")  # how much was scored, reported beside the metrics
+
+
 @torch.no_grad()
 def split_loss(model: Captioner, split: Split, cfg: Config) -> float:
     """Mean token cross-entropy over every (image, caption) pair of a split. Under torchrun each rank
@@ -1829,54 +1734,31 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- where the Q-Former's queries look (--caption --explain) ----
-
-HEAT_STOPS = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))  # matplotlib's inferno
+RESULT_COLUMNS = ("checkpoint", *MODEL_KEYS, "decoding", "epochs", "untrained", *METRICS, *SIZE_KEYS)
 
 
-def heat_colours(values: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 1] (any shape) -> RGB bytes (..., 3) along HEAT_STOPS: dark = ignored, bright = looked at."""
-    stops = torch.tensor(HEAT_STOPS, dtype=torch.float32)
-    x = values.clamp(0, 1) * (len(stops) - 1)
-    low = x.floor().long().clamp(max=len(stops) - 2)
-    frac = (x - low)[..., None]
-    return (stops[low] * (1 - frac) + stops[low + 1] * frac).round().byte()
+def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict, untrained: bool = False) -> None:
+    """One row per --test run in results.csv, so ablations line up side by side. A file written
+    with other columns (an older version) is rewritten with the union, so no row is lost.
+    The zero-shot baseline's row says untrained=yes (and epochs=0; its checkpoint is untrained_{run})."""
+    results = output_path(cfg.output_dir_models, "results", "results")
+    row = {"checkpoint": path.name, **{k: getattr(cfg, k) for k in MODEL_KEYS}, "decoding": cfg.decoding,
+           "epochs": ckpt["epoch"], "untrained": "yes" if untrained else "no",
+           **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_COLUMNS}}
+    rows, columns = [], list(RESULT_COLUMNS)
+    if results.is_file():
+        with open(results, newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns += [c for c in reader.fieldnames or [] if c not in columns]
 
-
-def heat_panel(view: Image.Image, weights: torch.Tensor, grid: int, size: int, label: str) -> Image.Image:
-    """`view` at size x size under a heatmap of one attention row (P,) over its grid x grid patches (the CLS
-    position, first, is left out and named in the label), scaled to its own maximum; one block per patch."""
-    patches = weights[1:].reshape(grid, grid)
-    colours = heat_colours(patches / patches.max().clamp(min=1e-12))
-    heat = Image.frombytes("RGB", (grid, grid), colours.contiguous().numpy().tobytes()).resize((size, size), Image.NEAREST)
-    panel = Image.blend(view.resize((size, size), Image.BICUBIC), heat, 0.6)
-    labelled(panel, f"{label} (CLS {weights[0].item():.0%})")
-    return panel
-
-
-def labelled(panel: Image.Image, text: str) -> Image.Image:
-    """`text` in white on a black box in the panel's top-left corner (readable over any heatmap)."""
-    draw = ImageDraw.Draw(panel)
-    box = draw.textbbox((3, 2), text)
-    draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
-    draw.text((3, 2), text, fill=(255, 255, 255))
-    return panel
-
-
-def attention_picture(view: Image.Image, attention: torch.Tensor, grid: int, caption: str, size: int = 224,
-                      columns: int = 4) -> Image.Image:
-    """The image as the encoder saw it beside a heatmap of the queries' cross-attention (V, P) over its
-    patches averaged over queries, then one small panel per query; the caption on top."""
-    small = 2 * size // columns
-    rows = math.ceil(len(attention) / columns)
-    picture = Image.new("RGB", (2 * size, 20 + size + rows * small), (255, 255, 255))
-    ImageDraw.Draw(picture).text((4, 4), caption[:80], fill=(0, 0, 0))
-    picture.paste(labelled(view.resize((size, size), Image.BICUBIC), "input"), (0, 20))
-    picture.paste(heat_panel(view, attention.mean(0), grid, size, f"mean of {len(attention)} queries"), (size, 20))
-    for q, weights in enumerate(attention):
-        at = (q % columns * small, 20 + size + q // columns * small)
-        picture.paste(heat_panel(view, weights, grid, small, f"q{q + 1}"), at)
-    return picture
+    def write(fh):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows([*rows, row])
+        fh.write(text.getvalue().encode())
+    atomic_write(results, write)
 
 
 # =============================================================================================
@@ -1890,8 +1772,23 @@ def attention_picture(view: Image.Image, attention: torch.Tensor, grid: int, cap
 CHECKPOINT_NAME = re.compile(r"(\d+)_(clip|vit)(_qformer)?_(?:top(\d+)|lora(\d+))\.pt")
 
 
+# Every file a run writes into OUTPUT_DIR_MODELS: a stem, then the kind's suffix. A checkpoint's stem is
+# {epoch}_{run_name}, and the results of testing it share that stem; a run's history is {run_name}.history.jsonl.
+OUTPUT_SUFFIXES = {"checkpoint": ".pt", "history": ".history.jsonl", "results": ".csv", "test": ".test.json",
+                   "captions": ".test_captions.jsonl", "explain": ".explain"}
+
+
+def output_path(folder: Path | str, stem: str, kind: str) -> Path:
+    return Path(folder) / f"{stem}{OUTPUT_SUFFIXES[kind]}"
+
+
 def checkpoint_path(cfg: Config, epoch: int) -> Path:
-    return Path(cfg.output_dir_models) / f"{epoch}_{cfg.run_name}.pt"
+    return output_path(cfg.output_dir_models, f"{epoch}_{cfg.run_name}", "checkpoint")
+
+
+def result_path(checkpoint: Path, kind: str) -> Path:
+    """A result of testing `checkpoint` (a .pt file, an export folder, or untrained_{run_name}), beside it."""
+    return output_path(checkpoint.parent, checkpoint.name.removesuffix(OUTPUT_SUFFIXES["checkpoint"]), kind)
 
 
 def settings_in_name(name: str) -> dict[str, str] | None:
@@ -1918,57 +1815,6 @@ def find_last_checkpoint(cfg: Config) -> Path:
     raise UserError(f"no checkpoint {{epoch}}_{cfg.run_name}.pt in {folder} for the current settings "
                     f"(found: {'; '.join(others) or 'none'}); train first, set the variables to match, "
                     "or pass --checkpoint PATH")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(binary file) on a temp file in the same folder, fsync, then rename over `path`:
-    a crash or Ctrl-C mid-write never leaves a truncated file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private; ours are ordinary files
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_folder(path.parent)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        cause = _os_error_in(e)
-        if cause:
-            raise UserError(f"could not write {path} ({cause}); free disk space or check the folder's "
-                            "permissions — earlier files are intact") from e
-        raise
-
-
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename into `folder` survive a power cut."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _os_error_in(e: BaseException) -> OSError | None:
-    """The OSError behind an exception, if any: torch.save re-raises ENOSPC as a RuntimeError."""
-    while e is not None:
-        if isinstance(e, OSError):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def atomic_save(obj, path: Path) -> None:
-    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def rng_state() -> dict:
@@ -2027,6 +1873,33 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+EXPORT_FORMAT = "multimodal_transfer_learning export"
+
+
+def read_export_info(folder: Path) -> dict | None:
+    """An export's config.json, or None if the folder is not an export."""
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads((folder / "config.json").read_text())
+        if isinstance(info, dict) and info.get("format") == EXPORT_FORMAT:
+            return info
+    return None
+
+
+def read_export(folder: Path) -> dict:
+    """An export folder as the dict a .pt checkpoint gives (model, config, epoch, step, metrics)."""
+    from safetensors.torch import load_file
+    info = read_export_info(folder)
+    if info is None:
+        raise UserError(f"--checkpoint {folder}: a folder must be an export written by --export "
+                        "(config.json + model.safetensors); pass a .pt file or such a folder")
+    try:
+        weights = load_file(folder / "model.safetensors")
+    except Exception as e:
+        raise UserError(f"{folder / 'model.safetensors'} is not readable ({type(e).__name__}: {e}); export again") from None
+    return {"format": 1, "model": weights, "config": info["config"], "epoch": info["epoch"], "step": info["step"],
+            "metrics": info["val_metrics"], "images": info["images"], "test": info["test"]}
+
+
 def config_differences(cfg: Config, stored: dict, keys) -> list[str]:
     """'VAR=current (checkpoint: stored)' for each of `keys` whose stored value differs."""
     return [f"{k.upper()}={getattr(cfg, k)!r} (checkpoint: {stored[k]!r})" for k in keys
@@ -2058,9 +1931,43 @@ def load_weights(model: Captioner, ckpt: dict) -> None:
     model.load_state_dict(saved, strict=False)
 
 
-def history_path(cfg: Config) -> Path:
+def chosen_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
+    """--checkpoint PATH if given, else the last checkpoint of this configuration's variant."""
+    return Path(checkpoint) if checkpoint else find_last_checkpoint(cfg)
+
+
+def checkpoint_to_resume(cfg: Config, checkpoint: str | None) -> tuple[Path, dict]:
+    """The checkpoint --resume continues (`checkpoint` or the last one), checked against the config."""
+    path = chosen_checkpoint(cfg, checkpoint)
+    ckpt = read_checkpoint(path)
+    differing = config_differences(cfg, ckpt["config"], [k for k in MODEL_KEYS + DATA_KEYS if k not in cfg.unused_keys])
+    if differing:
+        raise UserError(f"{path} was trained with other values: {'; '.join(differing)}; "
+                        "restore them to resume, or train without --resume", exit_code=2)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{path} keeps only weights (the optimizer state lives in the newest checkpoint of its run): "
+                        "resume from that one", exit_code=2)
+    changed = config_differences(cfg, ckpt["config"], TRAINING_KEYS)
+    if changed:
+        log.warning("resuming with changed training values (the result will differ from an uninterrupted "
+                    "run): " + "; ".join(changed))
+    return path, ckpt
+
+
+def restore_run(model: Captioner, opt, ckpt: dict, cfg: Config) -> dict:
+    """Put weights, optimizer, RNG and step back as the checkpoint left them; returns the run state."""
+    load_weights(model, ckpt)
+    opt.load_state_dict(ckpt["optimizer"])
+    for g in opt.param_groups:  # load_state_dict restores the old hyperparameters; the current config wins
+        g["base_lr"] = base_lr(cfg, g["name"])
+        g["weight_decay"] = cfg.weight_decay
+    set_rng_state(ckpt["rng"])
+    return {"step": ckpt["step"]}
+
+
+def history_path(folder: Path | str, run_name: str) -> Path:
     """Beside the run's checkpoints ({epoch}_{run_name}.pt): {run_name}.history.jsonl."""
-    return Path(cfg.output_dir_models) / f"{cfg.run_name}.history.jsonl"
+    return output_path(folder, run_name, "history")
 
 
 def read_history(path: Path) -> list[dict]:
@@ -2081,194 +1988,13 @@ def record_epoch(cfg: Config, epoch: int, step: int, metrics: dict, images: dict
     """Write the epoch's line of the run's history, keeping the earlier epochs (a resumed run's too).
     A line for this epoch or a later one is from a run that went further before being restarted or
     resumed from an earlier checkpoint: it is replaced."""
-    path = history_path(cfg)
+    path = history_path(cfg.output_dir_models, cfg.run_name)
     kept = [row for row in read_history(path) if row["epoch"] < epoch]
     line = {"epoch": epoch, "step": step, "train_loss": metrics["train_loss"], "train_seconds": metrics["train_seconds"],
             "val_loss": metrics["loss"], "images": images,
             "val_metrics": {k: v for k, v in metrics.items() if k not in ("loss", "train_loss", "train_seconds")}}
     text = "".join(json.dumps(row) + "\n" for row in [*kept, line])
     atomic_write(path, lambda fh: fh.write(text.encode()))
-
-
-# =============================================================================================
-# Export and the Hugging Face Hub
-# =============================================================================================
-# An export is a folder anyone can use without this machine's files: model.safetensors (the
-# checkpoint's trainable weights), config.json (everything to rebuild the model, no secrets) and a
-# model card. `read_checkpoint` reads it back as it reads a .pt, so --test, --caption and --ask accept it.
-
-EXPORT_FORMAT = "multimodal_transfer_learning export"
-CARD_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1", "Recall@5", "Precision@1",
-                "Precision@5", "loss")
-
-
-def export_info(path: Path, ckpt: dict) -> dict:
-    """config.json of an export: the checkpoint's config, epoch and metrics, the test results written
-    beside it ({stem}.test.json) and the split sizes its run's history recorded."""
-    run = path.stem.split("_", 1)[-1]  # {epoch}_{run_name}.pt
-    history = {row["epoch"]: row for row in read_history(path.parent / f"{run}.history.jsonl")}
-    test_file = Path(f"{path.with_suffix('')}.test.json")
-    test = ckpt.get("test")
-    if test_file.is_file():
-        result = json.loads(test_file.read_text())
-        test = {k: result[k] for k in ("metrics", "num_test_images", "decoding")}
-    return {"format": EXPORT_FORMAT, "format_version": 1, "source_checkpoint": path.name,
-            "epoch": ckpt["epoch"], "step": ckpt.get("step"),
-            "config": {k: v for k, v in ckpt["config"].items() if k.upper() not in SECRET_ENV},
-            "images": history.get(ckpt["epoch"], {}).get("images", ckpt.get("images")),
-            "val_metrics": ckpt["metrics"], "test": test}
-
-
-def read_export_info(folder: Path) -> dict | None:
-    """An export's config.json, or None if the folder is not an export."""
-    with contextlib.suppress(OSError, ValueError):
-        info = json.loads((folder / "config.json").read_text())
-        if isinstance(info, dict) and info.get("format") == EXPORT_FORMAT:
-            return info
-    return None
-
-
-def read_export(folder: Path) -> dict:
-    """An export folder as the dict a .pt checkpoint gives (model, config, epoch, step, metrics)."""
-    from safetensors.torch import load_file
-    info = read_export_info(folder)
-    if info is None:
-        raise UserError(f"--checkpoint {folder}: a folder must be an export written by --export "
-                        "(config.json + model.safetensors); pass a .pt file or such a folder")
-    try:
-        weights = load_file(folder / "model.safetensors")
-    except Exception as e:
-        raise UserError(f"{folder / 'model.safetensors'} is not readable ({type(e).__name__}: {e}); export again") from None
-    return {"format": 1, "model": weights, "config": info["config"], "epoch": info["epoch"], "step": info["step"],
-            "metrics": info["val_metrics"], "images": info["images"], "test": info["test"]}
-
-
-def export_checkpoint(path: Path, ckpt: dict, folder: Path, repo_id: str | None = None) -> None:
-    """Write the export of a checkpoint into `folder`: into a temp folder beside it first, then renamed
-    into place, so a failure leaves no half-written export. An earlier export there is replaced;
-    any other folder that is not empty is refused."""
-    if folder.exists() and read_export_info(folder) is None and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"--export {folder}: it exists and is not an export; choose a new folder "
-                        "(an earlier export is replaced, anything else is never overwritten)", exit_code=2)
-    from safetensors.torch import save as safetensors_bytes
-    info = export_info(path, ckpt)
-    weights = safetensors_bytes({k: v.contiguous() for k, v in ckpt["model"].items()}, metadata={"format": "pt"})
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; an export is meant to be shared
-        atomic_write(tmp / "model.safetensors", lambda fh: fh.write(weights))
-        atomic_write(tmp / "config.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
-        atomic_write(tmp / "README.md", lambda fh: fh.write(model_card(info, ckpt["model"], repo_id).encode()))
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not folder.exists():
-            os.replace(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def model_card(info: dict, weights: dict, repo_id: str | None) -> str:
-    """README.md of an export: what the model is, its metrics and on which data, how it was trained,
-    what it is for and not for, and how to use it."""
-    c = info["config"]
-    vision = c.get("vision_model") or DEFAULT_VISION_MODELS.get(c["vision_encoder"], "")
-    tuning = (f"LoRA (rank {c.get('lora_rank')}) on every block" if c.get("tuning") == "lora"
-              else f"its top {c['top_k']} blocks unfrozen")
-    front = ["---", "library_name: pytorch", "pipeline_tag: image-to-text", "tags: [image-captioning, multimodal]",
-             *([f"base_model: {c['lm_model']}"] if is_hub_id(c["lm_model"]) else []),
-             *([f"datasets: [{c['dataset']}]"] if is_hub_id(c["dataset"]) else []), "---"]
-    local = not (is_hub_id(c["lm_model"]) and is_hub_id(vision))
-    folder = "captioner" if repo_id else "DIR"
-    return "\n".join([
-        *front, "",
-        f"# {info['source_checkpoint']}: an image captioner built on {c['lm_model']}", "",
-        f"A frozen vision encoder ({c['vision_encoder']}: `{vision}`) -> a trained {c['adapter']} adapter -> "
-        f"{c['num_visual_tokens']} visual tokens -> `{c['lm_model']}` with {tuning}, trained for {info['epoch']} "
-        f"epochs ({info['step']} optimizer steps) on (image, caption) pairs with `multimodal_transfer_learning.py`. "
-        f"Only the trained parts are here ({len(weights)} tensors, {sum(v.numel() for v in weights.values()):,} "
-        "parameters); the encoder and the LM come from their own repositories, under their own licences.", "",
-        *card_metrics(info), "",
-        "## Training settings", "", "| variable | value |", "|---|---|",
-        *(f"| {k.upper()} | `{c[k]!r}` |" for k in (*MODEL_KEYS, *DATA_KEYS, *TRAINING_KEYS) if k in c), "",
-        "## Intended use and limitations", "",
-        f"- A research baseline: short captions in the style of its training captions ({c['dataset']}), and a "
-        "starting point for ablations. Not for decisions about people, safety-critical use, or accessibility "
-        "without human review.",
-        "- Captions can be wrong: objects that are not there, wrong counts and colours, and the biases of the "
-        "training captions (e.g. guesses of gender or age).",
-        "- Trained on captions only: asked a question (`--ask`), it answers with a description of the image, "
-        "which answers 'what is in the picture' questions at best; it has not learnt to count, read text or reason.",
-        "- English only, one image at a time, at the encoder's input resolution.",
-        *(["- VISION_MODEL and/or LM_MODEL were local folders when this model was trained: where those folders do "
-           "not exist, point the variables at the same models (e.g. `LM_MODEL=Qwen/Qwen3-0.6B-Base`)."] if local else []),
-        "", "## Usage", "",
-        "With the script that wrote this folder (`multimodal_transfer_learning.py`, `pip install -r requirements.txt`):",
-        "", "```bash", *([f"hf download {repo_id} --local-dir captioner"] if repo_id else []),
-        f"python multimodal_transfer_learning.py --caption --checkpoint {folder} photo.jpg",
-        f"python multimodal_transfer_learning.py --ask 'What is in the picture?' --checkpoint {folder} photo.jpg",
-        f"python multimodal_transfer_learning.py --test --checkpoint {folder}", "```", "",
-        "`config.json` holds every setting needed to rebuild the model (no secrets), `model.safetensors` the "
-        "trained weights.", ""])
-
-
-def card_metrics(info: dict) -> list[str]:
-    """The model card's metrics: the test results if the checkpoint was tested, else the validation
-    metrics of its epoch (said so), with the split and pool sizes they come from."""
-    c, images, test = info["config"], info["images"], info["test"]
-    if test:
-        metrics = test["metrics"]
-        source = (f"Test split: {test['num_test_images']} images, captions generated for {metrics.get('num_images')} "
-                  f"of them and scored against all their references; retrieval over a pool of "
-                  f"{metrics.get('retrieval_pool', 0)} images and all their captions; decoding {test['decoding']}.")
-    else:
-        metrics = info["val_metrics"]
-        source = (f"Validation split after epoch {info['epoch']} ({metrics.get('num_images')} images captioned): "
-                  "this checkpoint has not been tested yet (`--test`), so these are not test numbers.")
-    split = (f"The data was split 80/10/10 by image (SEED={c['seed']}): {images['train']} train, {images['val']} "
-             f"validation and {images['test']} test images of {c['dataset']}." if images else
-             "The split sizes were not recorded with this checkpoint.")
-    return ["## Metrics", "", source, "", "| metric | value |", "|---|---|",
-            *(f"| {m} | {'missing' if metrics[m] is None else f'{metrics[m]:.4f}'} |" for m in CARD_METRICS
-              if m in metrics), "",
-            "BLEU, METEOR, ROUGE-L and CIDEr (CIDEr-D) by pycocoevalcap; Recall/Precision@K rank every caption of the "
-            "pool by the model's likelihood given the image. `missing` = not computed (METEOR needs Java).", "", split]
-
-
-def push_to_hub(folder: Path, repo_id: str, token: str, private: bool) -> str:
-    """Upload an export folder to a model repository (created if needed); returns its URL."""
-    from huggingface_hub import create_repo, upload_folder
-    try:
-        url = create_repo(repo_id, token=token or None, private=private, exist_ok=True)
-        upload_folder(repo_id=repo_id, folder_path=folder, token=token or None,
-                      commit_message=f"Upload {folder.name} with multimodal_transfer_learning.py")
-    except Exception as e:
-        log.debug("upload failure", exc_info=True)
-        bad_id = type(e).__name__ == "HFValidationError"
-        raise UserError(upload_failure(e, repo_id, folder), exit_code=2 if bad_id else 1) from None
-    return str(url)
-
-
-def upload_failure(e: Exception, repo_id: str, folder: Path) -> str:
-    """One line: why the upload failed and what to do; the export itself is complete either way."""
-    from huggingface_hub import errors as hub_errors
-    later = f"the export in {folder} is complete: upload it later with the same command or `hf upload {repo_id} {folder}`"
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    if type(e).__name__ == "HFValidationError":
-        return f"--push-to-hub {repo_id}: not a valid repository id (use owner/name)"
-    if isinstance(e, hub_errors.LocalTokenNotFoundError) or status in (401, 403):
-        return (f"--push-to-hub {repo_id}: the hub rejected the upload (HF_TOKEN missing, invalid, or without write "
-                f"access to {repo_id}); set HF_TOKEN to a write token; {later}")
-    network = any(c.__name__ == "TransportError" for c in type(e).__mro__)  # httpx: no connection, timeouts
-    if isinstance(e, hub_errors.OfflineModeIsEnabled) or network or (isinstance(e, OSError) and status is None):
-        return (f"--push-to-hub {repo_id}: upload failed, the hub is unreachable (no network, or HF_HUB_OFFLINE=1) "
-                f"({type(e).__name__}); {later}")
-    why = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {why}); {later}"
 
 
 # =============================================================================================
@@ -2350,434 +2076,203 @@ def sample_table(run, records_by_id, store, ids, preds) -> dict:
     return {"samples": table}
 
 
+def wandb_footer(run) -> str:
+    if run is None or getattr(run, "disabled", False) or run.settings.mode == "disabled":
+        return "W&B: disabled"
+    if run.settings.mode == "offline":
+        return f"W&B: offline run in {Path(run.dir).parent}; upload with `wandb sync {Path(run.dir).parent}`"
+    return f"W&B: {run.url}"
+
+
 # =============================================================================================
-# Comparing runs
+# Support: files written whole, the hub, signals
 # =============================================================================================
-# --compare reads what every run leaves on disk (results.csv rows from --test, {run}.history.jsonl
-# from --train), so runs compare without W&B, across machines and across versions of this script.
 
-LOWER_IS_BETTER = ("loss",)
-SIZE_COLUMNS = ("retrieval_pool", "num_images")  # how much was scored: a setting, not a metric
-PLOTTED_TEST_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1", "Recall@5")
-
-
-def find_run_files(folders: list[Path]) -> tuple[list[Path], list[Path]]:
-    """Every results.csv and every run history under the folders."""
-    results = {p.resolve() for f in folders for p in f.rglob("results.csv")}
-    histories = {p.resolve() for f in folders for p in f.rglob("*.history.jsonl")}
-    return sorted(results), sorted(histories)
-
-
-def run_label(folder: Path, root: Path, name: str) -> str:
-    """A run's name in tables and legends: its folder relative to what all runs share, and its name."""
-    return str(folder.relative_to(root) / name)
-
-
-def read_results(paths: list[Path], root: Path) -> list[dict]:
-    """The results.csv rows as dicts with a 'run' label. Several rows for the same checkpoint and
-    decoding (--test run again) count once: the newest, i.e. the last in its file."""
-    rows = {}
-    for path in paths:
-        with open(path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                label = run_label(path.parent, root, Path(row.get("checkpoint") or "?").stem)
-                rows[(label, row.get("decoding"))] = {"run": label, **row}  # a newer row replaces an older one
-    return list(rows.values())
-
-
-def number(text) -> float | None:
-    """A metric cell as a number; None if it is missing (empty, as results.csv writes a missing metric)."""
+def atomic_write(path: Path, write) -> None:
+    """Call write(binary file) on a temp file in the same folder, fsync, then rename over `path`:
+    a crash or Ctrl-C mid-write never leaves a truncated file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private; ours are ordinary files
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        cause = _os_error_in(e)
+        if cause:
+            raise UserError(f"could not write {path} ({cause}); free disk space or check the folder's "
+                            "permissions — earlier files are intact") from e
+        raise
 
 
-def comparison_table(rows: list[dict]) -> str:
-    """Markdown: one row per run; the settings that differ between runs, then every test metric, the
-    best value of each in bold (when at least two runs have it); a metric a run lacks is 'missing'."""
-    metrics = [m for m in RESULT_METRICS if m not in SIZE_COLUMNS]
-    columns = dict.fromkeys(c for r in rows for c in r if c not in ("run", "checkpoint", *metrics))
-    settings = [c for c in columns if len({r.get(c) or "" for r in rows}) > 1]
-    best = {}
-    for m in metrics:
-        values = [v for r in rows if (v := number(r.get(m))) is not None]
-        if len(values) >= 2:
-            best[m] = min(values) if m in LOWER_IS_BETTER else max(values)
-
-    def cell(row, m):
-        v = number(row.get(m))
-        if v is None:
-            return "missing"
-        return f"**{v:.4f}**" if v == best.get(m) else f"{v:.4f}"
-    lines = ["| " + " | ".join(["run", *settings, *metrics]) + " |", "|" + "---|" * (1 + len(settings) + len(metrics))]
-    for r in rows:
-        cells = [r["run"], *(r.get(c) or "" for c in settings), *(cell(r, m) for m in metrics)]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
-def import_pyplot(needed_by: str = "--compare"):
-    require_package("matplotlib", needed_by, exit_code=1)  # a command's missing tool, not a bad setting
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
-
-
-def plot_histories(plt, histories: dict[str, list[dict]], folder: Path) -> list[Path]:
-    """Val loss and val CIDEr per epoch, one line per run."""
-    paths = []
-    for name, title, value in (("val_loss", "val loss", lambda h: h.get("val_loss")),
-                               ("val_cider", "val CIDEr", lambda h: (h.get("val_metrics") or {}).get("CIDEr"))):
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for label, rows in histories.items():
-            ys = [number(value(h)) for h in rows]
-            ax.plot([h["epoch"] for h in rows], [math.nan if y is None else y for y in ys], marker="o", label=label)
-        ax.set(xlabel="epoch", ylabel=title, title=f"{title} per epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        paths.append(folder / f"comparison_{name}.png")
-        save_figure(fig, paths[-1])
-        plt.close(fig)
-    return paths
-
-
-def plot_test_metrics(plt, rows: list[dict], folder: Path) -> Path:
-    """The main test metrics, one bar per run; a missing metric is labelled, never drawn as 0."""
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.4 * len(PLOTTED_TEST_METRICS)), 4))
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(PLOTTED_TEST_METRICS))]
-        values = [number(r.get(m)) for m in PLOTTED_TEST_METRICS]
-        ax.bar(xs, [math.nan if v is None else v for v in values], width, label=r["run"])
-        for x, v in zip(xs, values):
-            if v is None:
-                ax.text(x, 0, "missing", rotation=90, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(PLOTTED_TEST_METRICS)), PLOTTED_TEST_METRICS)
-    ax.set(ylabel="test score", title="test metrics per run")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    path = folder / "comparison_test_metrics.png"
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
-
-
-def compare_runs(folders: list[Path], out: Path) -> str:
-    """Read every run under the folders; write comparison.md and the comparison_*.png plots into `out`.
-    Returns the Markdown table."""
-    for f in folders:
-        if not f.is_dir():
-            raise UserError(f"--compare {f}: no such folder")
-    plt = import_pyplot()  # before writing anything
-    results, history_files = find_run_files(folders)
-    if not results and not history_files:
-        raise UserError(f"no results.csv or *.history.jsonl under {', '.join(map(str, folders))}: "
-                        "train (--train) and test (--test) first")
-    root = Path(os.path.commonpath([p.parent for p in results + history_files]))
-    rows = read_results(results, root)
-    histories = {run_label(p.parent, root, p.name.removesuffix(".history.jsonl")): read_history(p)
-                 for p in history_files}
-    plots = plot_histories(plt, histories, out) if histories else []
-    if rows:
-        plots.append(plot_test_metrics(plt, rows, out))
-    table = comparison_table(rows) if rows else "(no test results yet: run --test)"
-    doc = "\n".join([
-        f"# Comparison of {len(rows)} tested runs", "",
-        f"Under {', '.join(str(f) for f in folders)}. Test metrics from results.csv (the newest row per checkpoint "
-        "and decoding); **bold** = the best per metric (loss: lowest; the rest: highest); `missing` = not computed "
-        "(e.g. METEOR without Java). Columns between run and the metrics: the settings that differ.", "",
-        table, "", *(f"![{p.stem}]({p.name})" for p in plots), ""])
-    atomic_write(out / "comparison.md", lambda fh: fh.write(doc.encode()))
-    log.info(f"wrote {out / 'comparison.md'}" + "".join(f", {p.name}" for p in plots))
-    return table
-
-
-# =============================================================================================
-# Demo: synthetic shapes, tiny random models, all offline
-# =============================================================================================
-# Colour and shape survive a frozen, random encoder's single global embedding (colour shifts the
-# pixel statistics, and the three shapes cover different areas); position barely would. DEMO_TASK=position
-# asks for it: a smaller shape on one side, and captions that name the side. The pooled embedding (the
-# MLP adapter's input) blurs where; patch tokens keep it, one token per place.
-
-DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-                "purple": (140, 50, 170), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (250, 250, 250)}
-DEMO_SHAPES = ("circle", "square", "triangle")
-DEMO_TEMPLATES = ("{a} {c} {s}", "{a} {c} {s} on a gray background", "a picture of {a} {c} {s}",
-                  "there is {a} {c} {s} in the image", "one {c} {s}")
-DEMO_PLACES = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}  # centres in 64 x 64
-DEMO_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
-DEMO_POSITION_TEMPLATES = ("{a} {c} {s} {where}", "{a} {c} {s} {where} of the image", "there is {a} {c} {s} {where}",
-                           "{where} there is {a} {c} {s}", "one {c} {s} {where}")
-
-
-def demo_caption(template: str, colour: str, shape: str, place: str | None = None) -> str:
-    return template.format(a="an" if colour[0] in "aeiou" else "a", c=colour, s=shape, where=DEMO_WHERE.get(place))
-
-
-def demo_sample(index: int, seed: int) -> tuple[Image.Image, str, str]:
-    rnd = random.Random(seed * 1_000_003 + index)
-    colour, shape = rnd.choice(list(DEMO_COLOURS)), rnd.choice(DEMO_SHAPES)
-    x, y, r = 32 + rnd.randint(-6, 6), 32 + rnd.randint(-6, 6), rnd.randint(16, 20)
-    return draw_demo_shape(shape, x, y, r, DEMO_COLOURS[colour]), colour, shape
-
-
-def demo_position_sample(index: int, seed: int) -> tuple[Image.Image, str, str, str]:
-    """DEMO_TASK=position: a shape of radius 9-12 around one of DEMO_PLACES (jittered by up to 4 pixels)."""
-    rnd = random.Random(f"position-{seed}-{index}")
-    colour, shape, place = rnd.choice(list(DEMO_COLOURS)), rnd.choice(DEMO_SHAPES), rnd.choice(list(DEMO_PLACES))
-    (cx, cy), r = DEMO_PLACES[place], rnd.randint(9, 12)
-    x, y = cx + rnd.randint(-4, 4), cy + rnd.randint(-4, 4)
-    return draw_demo_shape(shape, x, y, r, DEMO_COLOURS[colour]), colour, shape, place
-
-
-def draw_demo_shape(shape: str, x: int, y: int, r: int, fill) -> Image.Image:
-    """A 64 x 64 gray image with one shape of `fill` colour centred at (x, y), r pixels from centre to edge."""
-    image = Image.new("RGB", (64, 64), (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    box = (x - r, y - r, x + r, y + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
-    return image
-
-
-def demo_item(task: str, index: int, seed: int) -> tuple[Image.Image, list[str]]:
-    """One image of the demo task and its five captions."""
-    if task == "position":
-        image, colour, shape, place = demo_position_sample(index, seed)
-        return image, [demo_caption(t, colour, shape, place) for t in DEMO_POSITION_TEMPLATES]
-    image, colour, shape = demo_sample(index, seed)
-    return image, [demo_caption(t, colour, shape) for t in DEMO_TEMPLATES]
-
-
-def demo_vocabulary_captions(task: str) -> list[str]:
-    """Every caption the task can produce: what the demo LM's word-level vocabulary is built from."""
-    templates, places = (DEMO_POSITION_TEMPLATES, DEMO_PLACES) if task == "position" else (DEMO_TEMPLATES, [None])
-    return [demo_caption(t, c, s, p) for t in templates for c in DEMO_COLOURS for s in DEMO_SHAPES for p in places]
-
-
-def make_demo_dataset(folder: Path, n: int, seed: int, task: str = "shapes") -> Path:
-    """Write n images and a metadata.jsonl with five varied captions each (an ordinary image folder)."""
-    if (folder / "metadata.jsonl").is_file():
-        return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    with open(tmp / "metadata.jsonl", "w") as fh:
-        for i in progress_bar(range(n), desc="demo images", unit="img"):
-            image, captions = demo_item(task, i, seed)
-            name = f"images/{i:05d}.png"
-            image.save(tmp / name)
-            fh.write(json.dumps({"file_name": name, "captions": captions}) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
-
-
-def make_demo_models(root: Path, kind: str, seed: int, captions: list[str], task: str = "shapes") -> tuple[Path, Path]:
-    """A tiny random encoder of the real architecture and a tiny random Qwen3 with a word-level tokenizer
-    (the vocabulary of `captions`, so one LM per demo task)."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, Qwen3Config,
-                              Qwen3ForCausalLM, ViTConfig, ViTImageProcessor, ViTModel)
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    vision_dir = root / f"{kind}-seed{seed}"
-    lm_dir = root / (f"qwen3-seed{seed}" if task == "shapes" else f"qwen3-{task}-seed{seed}")
-    torch.manual_seed(seed)
-    if not (vision_dir / "config.json").is_file():
-        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=32, patch_size=8)
-        if kind == "clip":
-            text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-            CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)).save_pretrained(vision_dir)
-            CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(vision_dir)
-        else:
-            ViTModel(ViTConfig(**vision), add_pooling_layer=False).save_pretrained(vision_dir)
-            ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vision_dir)
-    if not (lm_dir / "config.json").is_file():
-        words = sorted({w for c in captions for w in c.lower().replace(":", " :").split()} | {"caption", ":"})
-        vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        tok.normalizer = normalizers.Lowercase()
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "caption:" -> "caption", ":"
-        tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-        # Like Qwen3-Base: an EOS, no BOS, no pad token (the script must cope).
-        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(lm_dir)
-        lm_cfg = Qwen3Config(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-                             tie_word_embeddings=True, eos_token_id=0, bos_token_id=None, pad_token_id=None)
-        Qwen3ForCausalLM(lm_cfg).save_pretrained(lm_dir)
-    return vision_dir, lm_dir
-
-
-def make_demo_files(cfg: Config) -> dict[str, Path]:
-    """Write, once, the demo's image folder and its tiny random models under CACHE_DIR/demo."""
-    root, task = Path(cfg.cache_dir) / "demo", cfg.demo_task
-    data = make_demo_dataset(root / f"{task}-{cfg.demo_images}-seed{cfg.seed}", cfg.demo_images, cfg.seed, task)
-    vision_dir, lm_dir = make_demo_models(root / "models", cfg.vision_encoder, cfg.seed, demo_vocabulary_captions(task),
-                                          task)
-    checkpoints = root / ("checkpoints" if task == "shapes" else f"checkpoints-{task}")
-    return {"root": root, "dataset": data, "vision_model": vision_dir, "lm_model": lm_dir, "checkpoints": checkpoints}
-
-
-def demo_config(cfg: Config, files: dict[str, Path]) -> Config:
-    """The config pointed at the demo's files. A random LM has no language to keep, so every block
-    trains (TOP_K = all) and checkpoints go under CACHE_DIR/demo, unless the environment sets TOP_K or
-    OUTPUT_DIR_MODELS (with --demo only the environment can: a sweep's variants do)."""
-    from transformers import AutoConfig
-    num_layers = AutoConfig.from_pretrained(files["lm_model"]).num_hidden_layers
-    top_k = cfg.top_k if cfg.top_k != Config.top_k else num_layers
-    output_dir = cfg.output_dir_models if cfg.output_dir_models != Config.output_dir_models \
-        else str(files["checkpoints"])
-    return dataclasses.replace(cfg, dataset=str(files["dataset"]), vision_model=str(files["vision_model"]),
-                               lm_model=str(files["lm_model"]), top_k=top_k, output_dir_models=output_dir,
-                               cache_dir=str(files["root"] / "cache"))
-
-
-# =============================================================================================
-# Sweeps: one variant per env file
-# =============================================================================================
-# Each variant runs in a child process (this script with --train, then --test), so that a crash, a
-# non-finite loss or a leaked GPU allocation in one cannot touch the next. The child shares our
-# process group: Ctrl-C in a terminal stops it as cleanly as a direct run, and the sweep with it.
-
-@dataclass
-class Variant:
-    file: Path
-    env: dict[str, str]  # the child's environment: ours, then the file's values, then its OUTPUT_DIR_MODELS
-    folder: Path         # its OUTPUT_DIR_MODELS
-
-
-def sweep_variants(files: list[str], base: Config) -> list[Variant]:
-    """Each file's variant. The file's values win over the base configuration (the --env-file or .env
-    file, then the real environment); its outputs go to OUTPUT_DIR_MODELS/<file stem>/ unless it sets
-    OUTPUT_DIR_MODELS itself."""
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise UserError(f"--sweep: no such env file: {', '.join(missing)}", exit_code=2)
-    variants, derived = [], []
-    for f in map(Path, files):
-        values = {k: v for k, v in dotenv_values(f).items() if v is not None}
-        folder = values.get("OUTPUT_DIR_MODELS") or str(Path(base.output_dir_models) / f.stem)
-        if "OUTPUT_DIR_MODELS" not in values:
-            derived.append(f.stem)
-        variants.append(Variant(f, {**os.environ, **values, "OUTPUT_DIR_MODELS": folder}, Path(folder)))
-    twice = sorted({s for s in derived if derived.count(s) > 1})
-    if twice:
-        raise UserError(f"--sweep: several files named {twice[0]}.*, but each variant's outputs go to a folder "
-                        "named after its file: rename one, or set OUTPUT_DIR_MODELS in it", exit_code=2)
-    return variants
-
-
-def variant_config(v: Variant, args) -> Config:
-    """The variant's configuration as its child process will see it."""
-    cfg = load_config(read_environment(args.env_file, args.demo, v.env))
-    return demo_config(cfg, make_demo_files(cfg)) if args.demo else cfg
-
-
-def sweep_state(cfg: Config) -> str:
-    """new, interrupted (checkpoints, but not of the last epoch), trained (not tested) or finished."""
+def fsync_folder(folder: Path) -> None:
+    """Make a rename into `folder` survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        last = find_last_checkpoint(cfg)
-    except UserError:
-        return "new"
-    if int(last.name.split("_")[0]) < cfg.epochs:
-        return "interrupted"
-    return "finished" if Path(f"{last.with_suffix('')}.test.json").is_file() else "trained"
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-SWEEP_JOBS = {"new": (["--train"], ["--test"]), "interrupted": (["--train", "--resume"], ["--test"]),
-              "trained": (["--test"],), "finished": ()}
-
-
-def run_variant(v: Variant, args) -> str | None:
-    """Train (or resume) and test one variant, unless it is finished. Returns None, or why it failed."""
-    try:
-        cfg = variant_config(v, args)
-    except UserError as e:
-        return " ".join(str(e).split())
-    state = sweep_state(cfg)
-    log.info(f"{v.file.stem}: {state} ({cfg.run_name}, {cfg.epochs} epochs) in {v.folder}"
-             + {"new": "", "interrupted": ": resuming", "trained": ": testing", "finished": ": skipped"}[state])
-    flags = [*(["--env-file", args.env_file] if args.env_file else []), *(["--demo"] if args.demo else []),
-             *(["--debug"] if args.debug else [])]
-    for job in SWEEP_JOBS[state]:
-        code, stderr_tail = run_child([*job, *flags], v.env)
-        if code == 130:  # the child alone was interrupted: the user means the sweep
-            raise KeyboardInterrupt
-        if code == 143:
-            raise Stopped()
-        if code:
-            return error_reason(stderr_tail) or f"{' '.join(job)} exited with code {code}"
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind an exception, if any: torch.save re-raises ENOSPC as a RuntimeError."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
     return None
 
 
-def run_child(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run this script with `argv`, its stderr passed through to ours (through a pseudo-terminal when
-    ours is a terminal, so that progress bars and colours look as in a direct run). Returns its exit
-    code and the end of its stderr."""
-    if sys.stderr.isatty():
-        import pty
-        read_fd, write_fd = pty.openpty()
-    else:
-        read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], env=env, stderr=write_fd)
-    os.close(write_fd)
+def atomic_save(obj, path: Path) -> None:
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path):
+    """A temp folder beside `path` to fill in the with-block; once the block ends without error it takes
+    `path`'s place (an older `path` is replaced). On any error it is removed and `path` stays as it was:
+    a crash never leaves a half-written folder under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = path.with_name(f".{path.name}.old{os.getpid()}.tmp")
     try:
-        tail = pass_through(read_fd)
-    except (KeyboardInterrupt, Stopped) as e:
-        if isinstance(e, Stopped):  # SIGTERM reached us alone; Ctrl-C in a terminal reached the child too
-            proc.terminate()
-        pass_through(read_fd)  # let the child stop cleanly: unread output would block it
-        proc.wait()
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; ours are ordinary folders
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
         raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Stop before writing `needed` bytes under `folder` if the disk cannot hold them."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(f"{what} needs {readable_size(needed)} in {folder}, but only {readable_size(free)} is free: "
+                        "free some space or point CACHE_DIR at a larger disk")
+
+
+def readable_size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+
+
+def reserve_disk_space(path: Path) -> None:
+    """Allocate a sparse file's blocks now: a memory-mapped write into a full disk kills the process with
+    SIGBUS instead of raising, so a disk filled by others meanwhile must fail here, as an OSError."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: go on
+            raise
     finally:
-        os.close(read_fd)
-    return proc.wait(), tail
+        os.close(fd)
 
 
-def pass_through(fd: int, keep: int = 20_000) -> str:
-    """Copy what arrives on `fd` to stderr until the writer closes it; returns the last `keep` characters."""
-    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # a pseudo-terminal reports EIO once the child has exited
-            chunk = b""
-        if not chunk:
-            return tail
-        text = decoder.decode(chunk)
-        sys.stderr.write(text)
-        sys.stderr.flush()
-        tail = (tail + text)[-keep:]
+def go_offline_if_hub_unreachable(cfg: Config, timeout: float = 5.0) -> None:
+    """Unless HF_HUB_OFFLINE is set and something is to come from the hub: if the hub does not answer
+    within `timeout`, work offline for this run (cached copies still load) instead of letting the hub
+    client retry every file with back-off for ~25 s before failing."""
+    from huggingface_hub import constants
+    hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if is_hub_id(n)]
+    if constants.HF_HUB_OFFLINE or not hub_names:
+        return
+    import httpx
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout, trust_env=True)  # any HTTP answer means reachable
+        return
+    except httpx.HTTPError as e:
+        reason = f"{type(e).__name__}: {e}"
+    log.warning(f"the Hugging Face Hub ({constants.ENDPOINT}) is unreachable ({reason}); "
+                "working offline from cached copies (set HF_HUB_OFFLINE=1 to skip this check)")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for worker processes
+    constants.HF_HUB_OFFLINE = True
+    import datasets.config
+    datasets.config.HF_HUB_OFFLINE = True
 
 
-def error_reason(stderr: str) -> str | None:
-    """The last error a child logged, on one line (with the '  - ' lines of a multi-line message), or
-    else the last line of a traceback."""
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", stderr).replace("\r", "\n").splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        m = re.match(r"\d\d:\d\d:\d\d ERROR\s+(.*)", lines[i])
-        if m:
-            more = [line.strip() for line in itertools.takewhile(lambda x: x.startswith("  - "), lines[i + 1:])]
-            return " ".join([m[1], *more])
-    return next((line for line in reversed(lines) if line.strip()), None)
+def call_hub(var: str, name: str, fn, *args, **kwargs):
+    """Run a hub loader; turn the usual failures into one line that names the fix."""
+    from huggingface_hub import errors as hub_errors
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+        log.debug("hub failure", exc_info=True)
+        local_hint = f"or point {var} at a local copy"
+        kind = " --repo-type dataset" if var == "DATASET" else ""
+        if looks_local(name) and not Path(name).expanduser().exists():
+            msg = f"{var}={name}: no such local directory (check the path, or give a hub id like owner/name)"
+        elif isinstance(e, hub_errors.GatedRepoError) or "gated" in text.lower():
+            msg = f"{var}={name} is gated: accept its terms on huggingface.co and set HF_TOKEN"
+        elif "401" in text or "Invalid credentials" in text or "Invalid user token" in text:
+            msg = f"{var}={name}: the hub rejected HF_TOKEN (check or renew the token)"
+        elif isinstance(e, (hub_errors.RepositoryNotFoundError,)) or "not a valid model identifier" in text \
+                or "doesn't exist on the Hub" in text or "DatasetNotFoundError" in text:
+            msg = f"{var}={name} was not found on the hub: check the spelling, {local_hint}"
+        elif isinstance(e, (OSError, ConnectionError, hub_errors.OfflineModeIsEnabled, hub_errors.HfHubHTTPError)) \
+                or "offline" in text.lower() or "connect" in text.lower():
+            msg = (f"{var}={name} could not be fetched (no network, or HF_HUB_OFFLINE=1 and it is not cached; "
+                   "offline a misspelled name looks the same, so check it too): "
+                   f"download it where there is network (`hf download {name}{kind} --local-dir DIR`) "
+                   f"and set {var}=DIR")
+        else:
+            raise
+        raise UserError(msg) from e
+
+
+def require_package(name: str, needed_by: str, exit_code: int = 2) -> None:
+    import importlib
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"{needed_by} needs the optional package {name} ({e}): pip install {name}", exit_code) from None
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped()
+
+
+def _on_stop_signal_under_torchrun(signum, frame):
+    """torchrun's agent passes a Ctrl-C or SIGTERM on to every rank, which may have had it already:
+    the first one stops this rank, later ones must not break into its clean exit."""
+    ignore_stop_signals()
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Stopped()
+
+
+def ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # =============================================================================================
-# Commands
+# Runs: --train, --test, --caption, --ask
 # =============================================================================================
 
 def prepare_data(cfg: Config, data, encoder: VisionEncoder, model: Captioner):
@@ -2833,52 +2328,16 @@ def describe_adapter(model: Captioner) -> str:
     return f"adapter: mlp, one {shape[0]}-d image embedding -> {adapter.num_tokens} tokens of LM width {adapter.lm_dim}"
 
 
-def wandb_footer(run) -> str:
-    if run is None or getattr(run, "disabled", False) or run.settings.mode == "disabled":
-        return "W&B: disabled"
-    if run.settings.mode == "offline":
-        return f"W&B: offline run in {Path(run.dir).parent}; upload with `wandb sync {Path(run.dir).parent}`"
-    return f"W&B: {run.url}"
-
-
-def checkpoint_to_resume(cfg: Config, args) -> tuple[Path, dict]:
-    """The checkpoint --resume continues (--checkpoint or the last one), checked against the config."""
-    path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
-    ckpt = read_checkpoint(path)
-    differing = config_differences(cfg, ckpt["config"], [k for k in MODEL_KEYS + DATA_KEYS if k not in cfg.unused_keys])
-    if differing:
-        raise UserError(f"{path} was trained with other values: {'; '.join(differing)}; "
-                        "restore them to resume, or train without --resume", exit_code=2)
-    if "optimizer" not in ckpt:
-        raise UserError(f"{path} keeps only weights (the optimizer state lives in the newest checkpoint of its run): "
-                        "resume from that one", exit_code=2)
-    changed = config_differences(cfg, ckpt["config"], TRAINING_KEYS)
-    if changed:
-        log.warning("resuming with changed training values (the result will differ from an uninterrupted "
-                    "run): " + "; ".join(changed))
-    return path, ckpt
-
-
-def restore_run(model: Captioner, opt, ckpt: dict, cfg: Config) -> dict:
-    """Put weights, optimizer, RNG and step back as the checkpoint left them; returns the run state."""
-    load_weights(model, ckpt)
-    opt.load_state_dict(ckpt["optimizer"])
-    for g in opt.param_groups:  # load_state_dict restores the old hyperparameters; the current config wins
-        g["base_lr"] = base_lr(cfg, g["name"])
-        g["weight_decay"] = cfg.weight_decay
-    set_rng_state(ckpt["rng"])
-    return {"step": ckpt["step"]}
-
-
-def cmd_train(cfg: Config, args) -> None:
+def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> None:
+    """--train: train from scratch, or with `resume` continue `checkpoint` (default: the last one)."""
     check_global_batch(cfg)
     if DIST.launched:
         log.info(f"BATCH_SIZE={cfg.batch_size} is the global batch: {cfg.batch_size // DIST.world_size} pairs on each "
                  f"of the {DIST.world_size} processes")
     device, dtype = resolve_device(cfg)
-    resume = checkpoint_to_resume(cfg, args) if args.resume else None
-    if resume and resume[1]["epoch"] >= cfg.epochs:
-        log.info(f"{resume[0]} already finished epoch {resume[1]['epoch']} of EPOCHS={cfg.epochs}: nothing to resume")
+    resumed = checkpoint_to_resume(cfg, checkpoint) if resume else None
+    if resumed and resumed[1]["epoch"] >= cfg.epochs:
+        log.info(f"{resumed[0]} already finished epoch {resumed[1]['epoch']} of EPOCHS={cfg.epochs}: nothing to resume")
         return
     data = load_records(cfg)  # a wrong dataset path fails before any model is loaded
     encoder, model = build_model(cfg, device, dtype)
@@ -2886,18 +2345,18 @@ def cmd_train(cfg: Config, args) -> None:
     if not splits["train"].pairs or not splits["val"].ids:
         raise UserError(f"too few images to split 80/10/10 ({sum(len(s.ids) for s in splits.values())} usable)")
     if wants_compile(cfg, device):
-        use_fast_path(model, training=True)
+        model.use_fast_path(training=True)
     opt = make_optimizer(model, cfg)
-    state = restore_run(model, opt, resume[1], cfg) if resume else {"step": 0}
-    start_epoch = resume[1]["epoch"] + 1 if resume else 1
-    if resume:
-        log.info(f"resuming from {resume[0]} at epoch {start_epoch}")
+    state = restore_run(model, opt, resumed[1], cfg) if resumed else {"step": 0}
+    start_epoch = resumed[1]["epoch"] + 1 if resumed else 1
+    if resumed:
+        log.info(f"resuming from {resumed[0]} at epoch {start_epoch}")
     banner(cfg, device, dtype, splits, model)
     DIST.barrier()  # start-up takes each rank its own time; DDP's first exchange is a lockstep one
     trainer = data_parallel(model)
     fixed_val = splits["val"].ids[:min(16, cfg.val_caption_images or 16)]  # only images that get a caption
-    with wandb_run(cfg, "train", resume[1]["wandb_run_id"] if resume else None, args.demo) as run:
-        if args.demo and not resume:
+    with wandb_run(cfg, "train", resumed[1]["wandb_run_id"] if resumed else None, demo) as run:
+        if demo and not resumed:
             untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
             log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -2920,13 +2379,13 @@ def cmd_train(cfg: Config, args) -> None:
             for i in fixed_val[:3]:
                 log.info(f"  {i}: {preds.get(i, '')!r}")
     log.info(f"done: checkpoints in {cfg.output_dir_models}; {wandb_footer(run)}")
-    log.info(f"next: python multimodal_transfer_learning.py --test{' --demo' if args.demo else ''}")
+    log.info(f"next: python multimodal_transfer_learning.py --test{' --demo' if demo else ''}")
 
 
 @dataclass
-class Trained:
-    """A trained model as --test and --caption use it: rebuilt from a checkpoint's stored config.
-    untrained: the model before training instead (--test --untrained); `path` then names its results."""
+class InferenceModel:
+    """A model as --test, --caption and --ask use it: rebuilt from a checkpoint's stored config, or
+    the model before training (untrained=True, --test --untrained), whose `path` then names its results."""
     cfg: Config
     path: Path
     checkpoint: dict
@@ -2937,89 +2396,60 @@ class Trained:
     untrained: bool = False
 
 
-def load_trained(cfg: Config, args) -> Trained:
-    """The checkpoint (--checkpoint or the last one) and the model it holds."""
-    path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
+def load_trained(cfg: Config, checkpoint: str | None) -> InferenceModel:
+    """The checkpoint (`checkpoint`, or the last one of this configuration) and the model it holds."""
+    path = chosen_checkpoint(cfg, checkpoint)
     ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, cfg)
     device, dtype = resolve_device(cfg)
     encoder, model = build_model(cfg, device, dtype)
     load_weights(model, ckpt)
     model.eval()
-    return Trained(cfg, path, ckpt, device, dtype, encoder, model)
+    return InferenceModel(cfg, path, ckpt, device, dtype, encoder, model)
 
 
-def build_untrained(cfg: Config) -> Trained:
+def build_untrained(cfg: Config) -> InferenceModel:
     """The zero-shot baseline: the adapter at its SEED initialisation, the LM as pretrained."""
     device, dtype = resolve_device(cfg)
     encoder, model = build_model(cfg, device, dtype)
     model.eval()
     path = Path(cfg.output_dir_models) / f"untrained_{cfg.run_name}"
-    return Trained(cfg, path, {"epoch": 0}, device, dtype, encoder, model, untrained=True)
+    return InferenceModel(cfg, path, {"epoch": 0}, device, dtype, encoder, model, untrained=True)
 
 
-def cmd_test(cfg: Config, args) -> None:
-    t = build_untrained(cfg) if args.untrained else load_trained(cfg, args)
-    cfg, path = t.cfg, t.path
-    splits, by_id, store = prepare_data(cfg, load_records(cfg), t.encoder, t.model)
-    if wants_compile(cfg, t.device):
-        use_fast_path(t.model, training=False)
+def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -> None:
+    """--test: evaluate a checkpoint (or the untrained model) on the test split and write its results."""
+    m = build_untrained(cfg) if untrained else load_trained(cfg, checkpoint)
+    cfg, path = m.cfg, m.path
+    splits, by_id, store = prepare_data(cfg, load_records(cfg), m.encoder, m.model)
+    if wants_compile(cfg, m.device):
+        m.model.use_fast_path(training=False)
     test = splits["test"]
-    banner(cfg, t.device, t.dtype, splits, t.model)
-    with wandb_run(cfg, "test", demo=args.demo) as run:
-        metrics, preds = evaluate(t.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
+    banner(cfg, m.device, m.dtype, splits, m.model)
+    with wandb_run(cfg, "test", demo=demo) as run:
+        metrics, preds = evaluate(m.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
         if not DIST.is_main:
             return  # rank 0 writes and reports
         decoding = {k: v for k, v in decoding_kwargs(cfg).items() if v is not None}
-        result = {"checkpoint": None if t.untrained else str(path), "untrained": t.untrained,
-                  "epoch": t.checkpoint["epoch"], "metrics": metrics, "decoding": decoding,
+        result = {"checkpoint": None if m.untrained else str(path), "untrained": m.untrained,
+                  "epoch": m.checkpoint["epoch"], "metrics": metrics, "decoding": decoding,
                   "num_test_images": len(test.ids), "config": cfg.public()}
-        stem = path.with_suffix("")
-        atomic_write(Path(f"{stem}.test.json"), lambda fh: fh.write(json.dumps(result, indent=2).encode()))
+        written = [result_path(path, "test"), result_path(path, "captions")]
+        atomic_write(written[0], lambda fh: fh.write(json.dumps(result, indent=2).encode()))
         lines = "".join(json.dumps({"image_id": i, "generated": preds[i], "references": by_id[i].captions}) + "\n"
                         for i in preds)
-        atomic_write(Path(f"{stem}.test_captions.jsonl"), lambda fh: fh.write(lines.encode()))
-        append_results_row(cfg, path, t.checkpoint, metrics, t.untrained)
+        atomic_write(written[1], lambda fh: fh.write(lines.encode()))
+        append_results_row(cfg, path, m.checkpoint, metrics, m.untrained)
         samples = sample_table(run, by_id, store, list(preds)[:16], preds)
         run.log({f"test/{k}": v for k, v in {**metrics, **samples}.items() if v is not None})
         run.summary.update({f"test/{k}": v for k, v in metrics.items() if v is not None})
-    print(f"test results for {'the untrained model' if t.untrained else path} ({len(test.ids)} test images, "
+    print(f"test results for {'the untrained model' if m.untrained else path} ({len(test.ids)} test images, "
           f"retrieval pool {metrics.get('retrieval_pool', 0)}):")
     print(format_table(metrics))
-    log.info(f"wrote {stem}.test.json and {stem}.test_captions.jsonl; {wandb_footer(run)}")
+    log.info(f"wrote {' and '.join(str(w) for w in written)}; {wandb_footer(run)}")
 
 
-RESULT_METRICS = ("loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1",
-                  "Recall@5", "Precision@1", "Precision@5", "T2I-Recall@1", "T2I-Recall@5", "retrieval_pool",
-                  "num_images")
-RESULT_COLUMNS = ("checkpoint", *MODEL_KEYS, "decoding", "epochs", "untrained", *RESULT_METRICS)
-
-
-def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict, untrained: bool = False) -> None:
-    """One row per --test run in results.csv, so ablations line up side by side. A file written
-    with other columns (an older version) is rewritten with the union, so no row is lost.
-    The zero-shot baseline's row says untrained=yes (and epochs=0; its checkpoint is untrained_{run})."""
-    results = Path(cfg.output_dir_models) / "results.csv"
-    row = {"checkpoint": path.name, **{k: getattr(cfg, k) for k in MODEL_KEYS}, "decoding": cfg.decoding,
-           "epochs": ckpt["epoch"], "untrained": "yes" if untrained else "no",
-           **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_METRICS}}
-    rows, columns = [], list(RESULT_COLUMNS)
-    if results.is_file():
-        with open(results, newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns += [c for c in reader.fieldnames or [] if c not in columns]
-
-    def write(fh):
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows([*rows, row])
-        fh.write(text.getvalue().encode())
-    atomic_write(results, write)
-
-
-def encoded_images(paths: list[str], encoder: VisionEncoder, batch_size: int):
+def encode_image_files(paths: list[str], encoder: VisionEncoder, batch_size: int):
     """(paths, pixels, features) per batch of the readable image files; each unreadable one is reported in one line."""
     for start in range(0, len(paths), batch_size):
         names, pixels = [], []
@@ -3035,27 +2465,28 @@ def encoded_images(paths: list[str], encoder: VisionEncoder, batch_size: int):
             yield names, pixels, encoder(torch.stack(pixels))
 
 
-def describe_images(t: Trained, paths: list[str], prompt_ids: list[int] | None = None, explain=False) -> int:
+def describe_images(m: InferenceModel, paths: list[str], prompt_ids: list[int] | None = None, explain=False) -> int:
     """Print path<TAB>text for each readable image: its caption, or under another prompt (a question)
     the answer; explain: also the pictures of where a Q-Former's queries look. Returns the exit code:
     1 if any image could not be read."""
-    done, picture_names = 0, explain_names(paths)
-    for names, pixels, features in encoded_images(paths, t.encoder, t.cfg.eval_batch_size):
-        texts = generate_captions(t.model, features, t.cfg, desc="captioning", prompt_ids=prompt_ids)
+    tools = workflow_tools("--explain") if explain else None
+    picture_names, done = tools.explain_names(paths) if tools else {}, 0
+    for names, pixels, features in encode_image_files(paths, m.encoder, m.cfg.eval_batch_size):
+        texts = generate_captions(m.model, features, m.cfg, desc="captioning", prompt_ids=prompt_ids)
         for name, text in zip(names, texts):
             print(f"{name}\t{text}", flush=True)
-        if explain:
-            write_attention_pictures(t, names, pixels, features, texts, picture_names)
+        if tools:
+            tools.write_attention_pictures(m, names, pixels, features, texts, picture_names)
         done += len(names)
     return 1 if done < len(paths) else 0
 
 
-def cmd_caption(cfg: Config, args) -> int:
-    t = load_trained(cfg, args)
-    if args.explain and t.cfg.adapter != "qformer":
-        raise UserError(f"--explain shows where a Q-Former's queries look, but {t.path} has ADAPTER={t.cfg.adapter}: "
+def cmd_caption(cfg: Config, checkpoint: str | None, images: list[str], explain: bool) -> int:
+    m = load_trained(cfg, checkpoint)
+    if explain and m.cfg.adapter != "qformer":
+        raise UserError(f"--explain shows where a Q-Former's queries look, but {m.path} has ADAPTER={m.cfg.adapter}: "
                         "pass a checkpoint trained with ADAPTER=qformer", exit_code=2)
-    return describe_images(t, args.images, explain=args.explain)
+    return describe_images(m, images, explain=explain)
 
 
 # The question takes the prompt's place. A model trained on captions only has learnt to describe
@@ -3063,67 +2494,10 @@ def cmd_caption(cfg: Config, args) -> int:
 ASK_TEMPLATE = "Question: {question} Answer:"
 
 
-def cmd_ask(cfg: Config, args) -> int:
-    t = load_trained(cfg, args)
-    prompt_ids = t.model.tokenize_prompt(ASK_TEMPLATE.format(question=" ".join(args.ask.split())))
-    return describe_images(t, args.images, prompt_ids)
-
-
-def cmd_export(cfg: Config, args) -> None:
-    path = Path(args.checkpoint) if args.checkpoint else find_last_checkpoint(cfg)
-    folder = Path(args.export)
-    export_checkpoint(path, read_checkpoint(path), folder, args.push_to_hub)
-    log.info(f"exported {path} to {folder}/ (model.safetensors, config.json, README.md)")
-    if args.push_to_hub:
-        log.info(f"uploaded to {push_to_hub(folder, args.push_to_hub, cfg.hf_token, args.private)}")
-
-
-def cmd_compare(cfg: Config, args) -> None:
-    folders = [Path(d) for d in args.compare] or [Path(cfg.output_dir_models)]
-    print(compare_runs(folders, folders[0]))
-
-
-def cmd_sweep(cfg: Config, args) -> int:
-    import_pyplot("--sweep (its comparison)")  # say so before hours of training, not after
-    variants, failed = sweep_variants(args.sweep, cfg), {}
-    for i, v in enumerate(variants, 1):
-        log.info(f"sweep: variant {i} of {len(variants)}: {v.file}")
-        reason = run_variant(v, args)
-        if reason:
-            failed[v.file] = reason
-            log.warning(f"{v.file.stem} failed ({reason}); going on with the next variant")
-    folders = [v.folder for v in variants if v.folder.is_dir()]
-    if folders and any(find_run_files(folders)):
-        print(compare_runs(folders, Path(cfg.output_dir_models)))
-    for file, reason in failed.items():
-        log.error(f"sweep: {file} failed: {reason}")
-    log.info(f"sweep: {len(variants) - len(failed)} of {len(variants)} variants done"
-             + (f", {len(failed)} failed (rerun the sweep after fixing them: finished variants are skipped)"
-                if failed else ""))
-    return 1 if failed else 0
-
-
-def explain_names(images: list[str]) -> dict[str, str]:
-    """The --explain picture's file name of each image: its stem + .png, numbered where stems repeat."""
-    names = {}
-    for image in dict.fromkeys(images):
-        stem, n = Path(image).stem, 1
-        while (name := f"{stem}.png" if n == 1 else f"{stem}-{n}.png") in names.values():
-            n += 1
-        names[image] = name
-    return names
-
-
-def write_attention_pictures(t: Trained, names: list[str], pixels: list[torch.Tensor], features: torch.Tensor,
-                             captions: list[str], picture_names: dict[str, str]) -> None:
-    """--explain: one PNG per image in `{checkpoint stem}.explain/` beside the checkpoint."""
-    with torch.no_grad(), t.model.autocast():
-        attention = t.model.adapter.attention(t.model.to_device(features)).float().cpu()  # (B, V, P)
-    for name, px, weights, caption in zip(names, pixels, attention, captions):
-        out = t.path.with_suffix(".explain") / picture_names[name]
-        picture = attention_picture(t.encoder.unprocess(px), weights, t.encoder.grid, caption)
-        atomic_write(out, lambda fh: picture.save(fh, format="PNG"))
-        log.info(f"{name}: where the queries look -> {out}")
+def cmd_ask(cfg: Config, checkpoint: str | None, question: str, images: list[str]) -> int:
+    m = load_trained(cfg, checkpoint)
+    prompt_ids = m.model.tokenize_prompt(ASK_TEMPLATE.format(question=" ".join(question.split())))
+    return describe_images(m, images, prompt_ids)
 
 
 def env_help() -> str:
@@ -3135,8 +2509,9 @@ def env_help() -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Turn a text-only LM into an image captioner (frozen encoder + "
-                                "MLP adapter + top-K LM blocks).", epilog=env_help(),
+    p = argparse.ArgumentParser(description="Turn a text-only LM into a vision-language model that captions images "
+                                "and answers questions: a frozen vision encoder, a trained bridge (MLP or Q-Former) "
+                                "and the LM's top-K blocks (or LoRA) trained.", epilog=env_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     job = p.add_mutually_exclusive_group(required=True)
     job.add_argument("--train", action="store_true", help="train, validate and checkpoint every epoch")
@@ -3185,37 +2560,54 @@ def parse_args(argv=None):
     return args
 
 
-def resume_command(args) -> str:
+def resume_command(demo: bool, env_file: str | None) -> str:
     launcher = "torchrun ... " if DIST.launched else "python "
-    return (f"{launcher}multimodal_transfer_learning.py --train --resume{' --demo' if args.demo else ''}"
-            f"{f' --env-file {args.env_file}' if args.env_file else ''}")
+    return (f"{launcher}multimodal_transfer_learning.py --train --resume{' --demo' if demo else ''}"
+            f"{f' --env-file {env_file}' if env_file else ''}")
 
 
-def stop_message(args, code: int) -> str:
-    """What Ctrl-C or SIGTERM leaves, and how to continue."""
+def stop_message(code: int, job: str, resume: str) -> str:
+    """What Ctrl-C or SIGTERM leaves (130 or 143) during `job`, and how to continue."""
     stopped = f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'})"
-    if args.train:
-        return f"{stopped}; no partial checkpoint was written. Continue with: {resume_command(args)}"
-    if args.sweep:
+    if job == "train":
+        return f"{stopped}; no partial checkpoint was written. Continue with: {resume}"
+    if job == "sweep":
         return (f"{stopped}; no variant was started after it. Continue with the same command: finished variants "
                 f"are skipped, the interrupted one resumes")
     return stopped
 
 
-def _on_sigterm(signum, frame):
-    raise Stopped()
+def workflow_tools(command: str):
+    """The sibling module of workflow tools, for the commands that need it. It imports this module by its
+    name, so a script run (module __main__) registers itself under that name first: one module, one DIST."""
+    sys.modules.setdefault("multimodal_transfer_learning", sys.modules[__name__])
+    try:
+        import workflow_tools as tools
+    except ModuleNotFoundError as e:
+        if e.name != "workflow_tools":
+            raise
+        raise UserError(f"{command} needs workflow_tools.py beside {Path(__file__).name} (the recipe alone trains, "
+                        "tests, captions and answers): copy it from the repository") from None
+    return tools
 
 
-def _on_stop_signal_under_torchrun(signum, frame):
-    """torchrun's agent passes a Ctrl-C or SIGTERM on to every rank, which may have had it already:
-    the first one stops this rank, later ones must not break into its clean exit."""
-    ignore_stop_signals()
-    raise KeyboardInterrupt() if signum == signal.SIGINT else Stopped()
-
-
-def ignore_stop_signals() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+def run_command(cfg: Config, args) -> int:
+    """The command's exit code; the commands that run a model resolve the device themselves."""
+    if args.train:
+        cmd_train(cfg, args.checkpoint if args.resume else None, resume=args.resume, demo=args.demo)
+    elif args.test:
+        cmd_test(cfg, args.checkpoint, untrained=args.untrained, demo=args.demo)
+    elif args.caption:
+        return cmd_caption(cfg, args.checkpoint, args.images, args.explain)
+    elif args.ask is not None:
+        return cmd_ask(cfg, args.checkpoint, args.ask, args.images)
+    elif args.sweep:
+        return workflow_tools("--sweep").cmd_sweep(cfg, args.sweep, args.env_file, args.demo, args.debug)
+    elif args.export:
+        workflow_tools("--export").cmd_export(cfg, args.checkpoint, Path(args.export), args.push_to_hub, args.private)
+    else:
+        workflow_tools("--compare").cmd_compare(cfg, args.compare)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -3235,30 +2627,19 @@ def main(argv=None) -> int:
         if DIST.world_size > 1 and not (args.train or args.test):
             raise UserError("only --train and --test run on several processes: start this command with plain python",
                             exit_code=2)
-        start_process_group(resolve_device(cfg)[0])
+        if DIST.launched:
+            start_process_group(resolve_device(cfg)[0])
         if args.demo:
             log.info("demo: synthetic shapes, a tiny random encoder and a tiny random Qwen3 — this proves the "
                      "pipeline end to end, not the quality of pretrained models")
             # Tiny matrices: extra threads cost more than they give, and spin-waiting threads crawl
             # (60x measured) as soon as anything else runs on the CPU.
             torch.set_num_threads(1)
-            cfg = demo_config(cfg, DIST.from_main(make_demo_files, cfg))
+            tools = workflow_tools("--demo")
+            cfg = tools.demo_config(cfg, DIST.from_main(tools.make_demo_files, cfg))
         if args.compare is None:  # --compare reads local files only
             go_offline_if_hub_unreachable(cfg)
-        if args.train:
-            cmd_train(cfg, args)
-        elif args.test:
-            cmd_test(cfg, args)
-        elif args.caption:
-            code = cmd_caption(cfg, args)
-        elif args.ask is not None:
-            code = cmd_ask(cfg, args)
-        elif args.sweep:
-            code = cmd_sweep(cfg, args)
-        elif args.export:
-            cmd_export(cfg, args)
-        else:
-            cmd_compare(cfg, args)
+        code = run_command(cfg, args)
     except UserError as e:
         log.debug("traceback", exc_info=True)
         if DIST.is_main or e.exit_code != 2:  # a configuration error is the same on every rank: said once
@@ -3266,7 +2647,8 @@ def main(argv=None) -> int:
         return e.exit_code
     except (KeyboardInterrupt, Stopped) as e:
         code = exit_code_of(e)
-        log.warning(stop_message(args, code))
+        job = "train" if args.train else "sweep" if args.sweep else ""
+        log.warning(stop_message(code, job, resume_command(args.demo, args.env_file)))
         return code
     except Exception as e:
         if not lost_other_ranks(e):
@@ -3274,7 +2656,7 @@ def main(argv=None) -> int:
         log.debug("traceback", exc_info=True)
         log.error(f"stopped: an exchange with the other processes failed ({exchange_failure(e)}); another process "
                   "failed or hangs, and its own message says why" +
-                  (f". Continue with: {resume_command(args)}" if args.train else ""))
+                  (f". Continue with: {resume_command(args.demo, args.env_file)}" if args.train else ""))
         return 1
     finally:
         if DIST.launched:  # torchrun's agent stops the ranks with a signal, maybe while this one is exiting

@@ -491,7 +491,7 @@ def measure_features(cfg, encoder, device, say) -> dict:
     records, store, _ = mtl.load_records(cfg)
     shutil.rmtree(Path(cfg.cache_dir) / "features", ignore_errors=True)  # a kept --workdir starts uncached too
     say(f"encoding epoch over {len(records)} JPEGs")
-    _, encode_s, _ = run_timed(device, lambda: mtl.encode_images(records, store, encoder, cfg))
+    _, encode_s, _ = run_timed(device, lambda: mtl.encode_records(records, store, encoder, cfg))
     _, first_s, _ = run_timed(device, lambda: mtl.cached_features(cfg, encoder, records, store))  # encode + write
     _, cached_s, _ = run_timed(device, lambda: mtl.cached_features(cfg, encoder, records, store))  # read
     return {"images": len(records), "encode_seconds": encode_s, "first_call_seconds": first_s,

@@ -22,6 +22,7 @@ SCRIPT = ROOT / "multimodal_transfer_learning.py"
 sys.path.insert(0, str(ROOT))
 
 import multimodal_transfer_learning as mtl  # noqa: E402
+import workflow_tools as tools  # noqa: E402
 
 # Fake secrets planted in runs and configs; they must never show up in anything the script writes.
 HF_FAKE = "hf_FAKEtokenDoNotLeak7Qx9Zr2Lm4Np6Vb8"
@@ -38,21 +39,9 @@ WORDS = sorted({"a", "an", "the", "photo", "of", "picture", "small", "big", "cap
 def tiny_lm_dir(tmp_path_factory) -> Path:
     """A 2-block random Qwen3 with grouped-query heads and a word-level tokenizer that, like
     Qwen3-Base, has an EOS token but no BOS and no pad token."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    path = tmp_path_factory.mktemp("qwen3")
-    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                      tie_word_embeddings=True, eos_token_id=0, bos_token_id=None, pad_token_id=None)
-    Qwen3ForCausalLM(cfg).save_pretrained(path)
-    return path
+    return tools.save_tiny_lm(tmp_path_factory.mktemp("qwen3") / "lm", WORDS, seed=0, hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, max_position_embeddings=128)
 
 
 # tiny_lm_dir's projection shapes (d_in, d_out): hidden 32, MLP 64, 4 query heads and 2 key/value heads of 16.
@@ -72,30 +61,18 @@ def lora_names_and_shapes(rank: int, blocks: int = 2) -> dict[str, tuple[int, in
     return out
 
 
+TINY_VISION = dict(intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-    path = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=24)
-    CLIPModel(cfg).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    return tools.save_tiny_encoder(tmp_path_factory.mktemp("clip") / "clip", "clip", seed=0, projection_dim=24,
+                                   hidden_size=32, **TINY_VISION)
 
 
 @pytest.fixture(scope="session")
 def tiny_vit_dir(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-    path = tmp_path_factory.mktemp("vit")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       image_size=32, patch_size=8)).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    return tools.save_tiny_encoder(tmp_path_factory.mktemp("vit") / "vit", "vit", seed=0, hidden_size=40, **TINY_VISION)
 
 
 def draw(colour: str, shape: str, size=48) -> Image.Image:
@@ -384,7 +361,7 @@ up_front = sys.argv[2] == "up-front"
 mtl.DIST = mtl.Dist(0, 1, 0, launched=up_front)  # as under torchrun (one process: no exchange needed below)
 cfg = mtl.load_config(dict(os.environ))
 encoder, model = mtl.build_model(cfg, *mtl.resolve_device(cfg))
-mtl.use_fast_path(model, training=True)
+model.use_fast_path(training=True)
 print("compiled up front", file=sys.stderr, flush=True)
 mtl.DIST = mtl.Dist()  # no process group: the steps below exchange nothing
 opt = mtl.make_optimizer(model, cfg)

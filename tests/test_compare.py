@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import multimodal_transfer_learning as mtl
+import workflow_tools as tools
 from conftest import error_lines, explain, run_script
 
 
@@ -69,7 +70,7 @@ def parse_table(markdown: str) -> tuple[list[str], list[dict]]:
 
 
 def test_table_has_one_row_per_run_the_settings_that_differ_and_the_best_marked(runs):
-    table = mtl.compare_runs([runs], runs)
+    table = tools.compare_runs([runs], runs)
     header, rows = parse_table(table)
     metrics = ["loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Recall@1", "Recall@5",
                "Precision@1", "Precision@5", "T2I-Recall@1", "T2I-Recall@5"]
@@ -91,7 +92,7 @@ def test_table_has_one_row_per_run_the_settings_that_differ_and_the_best_marked(
 
 def test_comparison_md_and_the_plots_are_written_into_the_output_folder(runs, tmp_path):
     out = tmp_path / "report"
-    table = mtl.compare_runs([runs / "a", runs / "b"], out)
+    table = tools.compare_runs([runs / "a", runs / "b"], out)
     doc = (out / "comparison.md").read_text()
     assert table in doc and "loss: lowest" in doc
     pngs = sorted(p.name for p in out.glob("comparison_*.png"))
@@ -108,16 +109,16 @@ def test_comparison_md_and_the_plots_are_written_into_the_output_folder(runs, tm
 
 def test_histories_alone_give_the_epoch_plots_and_say_no_run_was_tested(tmp_path):
     write_history(tmp_path / "clip_top0.history.jsonl", [(1, 2.9, 0.1), (2, 2.6, 0.3)])
-    table = mtl.compare_runs([tmp_path], tmp_path)
+    table = tools.compare_runs([tmp_path], tmp_path)
     assert "no test results yet" in table
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["comparison_val_cider.png", "comparison_val_loss.png"]
 
 
 def test_a_folder_without_runs_or_that_does_not_exist_is_one_clear_error(tmp_path):
     with pytest.raises(mtl.UserError, match="no results.csv or .*history.jsonl under .*--train.*--test"):
-        mtl.compare_runs([tmp_path], tmp_path)
+        tools.compare_runs([tmp_path], tmp_path)
     with pytest.raises(mtl.UserError, match="no such folder"):
-        mtl.compare_runs([tmp_path / "nope"], tmp_path)
+        tools.compare_runs([tmp_path / "nope"], tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 

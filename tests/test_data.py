@@ -174,7 +174,7 @@ def test_cached_features_equal_freshly_computed_ones(tiny_model):
     cfg, encoder, _ = tiny_model()
     path, feats, records, store = cache_call(cfg, encoder)
     blob = torch.load(path, weights_only=True)
-    fresh, bad = mtl.encode_images(records, store, encoder, cfg)
+    fresh, bad = mtl.encode_records(records, store, encoder, cfg)
     assert not bad and blob["ids"] == [r.image_id for r in records]
     torch.testing.assert_close(blob["features"], fresh, rtol=0, atol=0)
     # and each equals the image encoded on its own (batching changes nothing)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 import multimodal_transfer_learning as mtl
+import workflow_tools as tools
 from conftest import run_script
 
 AREA_SHARE = {"square": 1.0, "circle": 0.785, "triangle": 0.5}  # of the shape's bounding box
@@ -13,21 +14,21 @@ AREA_SHARE = {"square": 1.0, "circle": 0.785, "triangle": 0.5}  # of the shape's
 
 @pytest.mark.parametrize("index", range(12))
 def test_demo_images_are_deterministic_and_match_their_captions(index):
-    image, colour, shape = mtl.demo_sample(index, seed=42)
-    again, colour2, shape2 = mtl.demo_sample(index, seed=42)
+    image, colour, shape = tools.demo_sample(index, seed=42)
+    again, colour2, shape2 = tools.demo_sample(index, seed=42)
     assert image.tobytes() == again.tobytes() and (colour, shape) == (colour2, shape2)
-    fill = mtl.DEMO_COLOURS[colour]
+    fill = tools.DEMO_COLOURS[colour]
     painted = [(x, y) for y in range(64) for x in range(64) if image.getpixel((x, y)) == fill]
     xs, ys = [p[0] for p in painted], [p[1] for p in painted]
     box = (max(xs) - min(xs) + 1) * (max(ys) - min(ys) + 1)
     share = len(painted) / box
     assert min(AREA_SHARE, key=lambda s: abs(AREA_SHARE[s] - share)) == shape, (shape, share)
-    captions = [mtl.demo_caption(t, colour, shape) for t in mtl.DEMO_TEMPLATES]
+    captions = [tools.demo_caption(t, colour, shape) for t in tools.DEMO_TEMPLATES]
     assert len(set(captions)) == 5 and all(colour in c and shape in c for c in captions)
 
 
 def test_other_seed_gives_other_data():
-    assert [mtl.demo_sample(i, 1)[1:] for i in range(20)] != [mtl.demo_sample(i, 2)[1:] for i in range(20)]
+    assert [tools.demo_sample(i, 1)[1:] for i in range(20)] != [tools.demo_sample(i, 2)[1:] for i in range(20)]
 
 
 def test_short_demo_runs_offline_without_prompting(tmp_path):
@@ -68,22 +69,22 @@ PLACE_REGIONS = {  # where the painted pixels' centre must lie in the 64 x 64 im
 
 @pytest.mark.parametrize("index", range(12))
 def test_position_images_are_deterministic_and_their_captions_say_where_the_shape_is(index):
-    image, colour, shape, place = mtl.demo_position_sample(index, seed=42)
-    again = mtl.demo_position_sample(index, seed=42)
+    image, colour, shape, place = tools.demo_position_sample(index, seed=42)
+    again = tools.demo_position_sample(index, seed=42)
     assert image.tobytes() == again[0].tobytes() and (colour, shape, place) == again[1:]
-    fill = mtl.DEMO_COLOURS[colour]
+    fill = tools.DEMO_COLOURS[colour]
     painted = [(x, y) for y in range(64) for x in range(64) if image.getpixel((x, y)) == fill]
     xs, ys = [p[0] for p in painted], [p[1] for p in painted]
     share = len(painted) / ((max(xs) - min(xs) + 1) * (max(ys) - min(ys) + 1))
     assert min(AREA_SHARE, key=lambda s: abs(AREA_SHARE[s] - share)) == shape, (shape, share)
     centre = (sum(xs) / len(xs), sum(ys) / len(ys))
     (where,) = [w for w, ((x0, x1), (y0, y1)) in PLACE_REGIONS.items() if x0 <= centre[0] < x1 and y0 <= centre[1] < y1]
-    _, captions = mtl.demo_item("position", index, 42)
+    _, captions = tools.demo_item("position", index, 42)
     assert len(set(captions)) == 5 and all(colour in c and shape in c and where in c for c in captions), captions
 
 
 def test_position_task_uses_every_place_about_equally():
-    places = [mtl.demo_position_sample(i, seed=7)[3] for i in range(400)]
+    places = [tools.demo_position_sample(i, seed=7)[3] for i in range(400)]
     assert {p: places.count(p) for p in set(places)}.keys() == {"left", "right", "top", "bottom"}
     assert min(places.count(p) for p in set(places)) >= 70  # 100 expected each
 
@@ -94,8 +95,8 @@ def test_each_demo_task_gets_its_own_data_language_model_and_checkpoints(tmp_pat
     for task in ("shapes", "position"):
         cfg = mtl.load_config({"CACHE_DIR": str(tmp_path / "cache"), "OUTPUT_DIR_MODELS": str(tmp_path / "models"),
                                "DEMO_TASK": task, "DEMO_IMAGES": "8"})
-        files[task] = mtl.make_demo_files(cfg)
-        assert mtl.demo_config(cfg, files[task]).dataset == str(tmp_path / "cache" / "demo" / f"{task}-8-seed42")
+        files[task] = tools.make_demo_files(cfg)
+        assert tools.demo_config(cfg, files[task]).dataset == str(tmp_path / "cache" / "demo" / f"{task}-8-seed42")
     assert files["shapes"]["lm_model"] != files["position"]["lm_model"]
     assert files["shapes"]["checkpoints"] != files["position"]["checkpoints"]
     assert files["shapes"]["vision_model"] == files["position"]["vision_model"]  # the same encoder reads both

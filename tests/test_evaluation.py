@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
+import workflow_tools as tools
 from conftest import ROOT, prefix_embeds
 
 JAVA = pytest.mark.skipif(not mtl.shutil.which("java"), reason="needs Java (PTB tokenizer, METEOR)")
@@ -526,9 +527,9 @@ def test_retrieval_scores_are_mean_caption_log_likelihoods(tiny_model):
 # ---------------------------------------------------------------------------------------------
 
 def test_heat_colours_run_from_dark_to_bright():
-    colours = mtl.heat_colours(torch.tensor([0.0, 0.5, 1.0])).tolist()
-    assert colours[0] == list(mtl.HEAT_STOPS[0]) and colours[-1] == list(mtl.HEAT_STOPS[-1])
-    brightness = [sum(c) for c in mtl.heat_colours(torch.linspace(0, 1, 11)).tolist()]
+    colours = tools.heat_colours(torch.tensor([0.0, 0.5, 1.0])).tolist()
+    assert colours[0] == list(tools.HEAT_STOPS[0]) and colours[-1] == list(tools.HEAT_STOPS[-1])
+    brightness = [sum(c) for c in tools.heat_colours(torch.linspace(0, 1, 11)).tolist()]
     assert brightness == sorted(brightness)
 
 
@@ -540,7 +541,7 @@ def test_attention_picture_puts_the_heat_on_the_attended_patch():
     for q in range(V):
         attention[q, 1 + q * grid + (grid - 1 - q)] = 1.0
     view = mtl.Image.new("RGB", (32, 32), (128, 128, 128))
-    picture = mtl.attention_picture(view, attention, grid, "a caption", size=size, columns=4)
+    picture = tools.attention_picture(view, attention, grid, "a caption", size=size, columns=4)
     small = 2 * size // 4
     assert picture.size == (2 * size, 20 + size + small)
 
@@ -560,5 +561,5 @@ def test_attention_picture_puts_the_heat_on_the_attended_patch():
 
 
 def test_explain_pictures_of_images_with_one_name_do_not_overwrite_each_other():
-    names = mtl.explain_names(["a/photo.jpg", "b/photo.png", "photo-2.jpg", "a/photo.jpg"])
+    names = tools.explain_names(["a/photo.jpg", "b/photo.png", "photo-2.jpg", "a/photo.jpg"])
     assert names == {"a/photo.jpg": "photo.png", "b/photo.png": "photo-2.png", "photo-2.jpg": "photo-2-2.png"}

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import multimodal_transfer_learning as mtl
+import workflow_tools as tools
 from conftest import HF_FAKE, draw, error_lines, explain, parallel, run_script, text
 
 
@@ -115,13 +116,13 @@ def test_export_replaces_an_earlier_export_and_never_overwrites_another_folder(t
     ckpt_path = trained["A"] / "models" / "1_clip_top1.pt"
     ckpt = mtl.read_checkpoint(ckpt_path)
     folder = tmp_path / "out"
-    mtl.export_checkpoint(ckpt_path, ckpt, folder)
+    tools.export_checkpoint(ckpt_path, ckpt, folder)
     assert json.loads((folder / "config.json").read_text())["epoch"] == 1
     # no test run of epoch 1: the card says its numbers are validation numbers
     assert "not been tested yet" in (folder / "README.md").read_text()
 
     later = mtl.read_checkpoint(trained["A"] / "models" / "2_clip_top1.pt")
-    mtl.export_checkpoint(trained["A"] / "models" / "2_clip_top1.pt", later, folder)
+    tools.export_checkpoint(trained["A"] / "models" / "2_clip_top1.pt", later, folder)
     assert json.loads((folder / "config.json").read_text())["epoch"] == 2
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp or old folder left beside it
 
@@ -129,7 +130,7 @@ def test_export_replaces_an_earlier_export_and_never_overwrites_another_folder(t
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(mtl, "model_card", broken_card)
     with pytest.raises(mtl.UserError, match="No space left"):
-        mtl.export_checkpoint(ckpt_path, ckpt, folder)
+        tools.export_checkpoint(ckpt_path, ckpt, folder)
     assert json.loads((folder / "config.json").read_text())["epoch"] == 2  # the earlier export is intact
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
@@ -137,7 +138,7 @@ def test_export_replaces_an_earlier_export_and_never_overwrites_another_folder(t
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(mtl.UserError, match="not an export") as e:
-        mtl.export_checkpoint(ckpt_path, ckpt, mine)
+        tools.export_checkpoint(ckpt_path, ckpt, mine)
     assert e.value.exit_code == 2 and os.listdir(mine) == ["notes.txt"]
 
 
@@ -149,7 +150,7 @@ def test_a_lora_export_rebuilds_the_same_model(tiny_model, tmp_path):
     mtl.train_step(model, opt, [(torch.randn(2, 24), model.tokenize_captions(["a red circle", "a blue square"]),
                                  None)], cfg.grad_clip)
     path = mtl.save_checkpoint(model, opt, cfg, 1, 1, {"loss": 1.0}, None)
-    mtl.export_checkpoint(path, mtl.read_checkpoint(path), tmp_path / "lora-export")
+    tools.export_checkpoint(path, mtl.read_checkpoint(path), tmp_path / "lora-export")
     exported = mtl.read_checkpoint(tmp_path / "lora-export")
     assert exported["config"]["tuning"] == "lora" and any("lora_" in k for k in exported["model"])
     again = tiny_model(tuning="lora", lora_rank=2)[2]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
+import workflow_tools as tools
 from conftest import ROOT, SCRIPT, lora_names_and_shapes
 
 CAPTIONS = ["a red circle", "a photo of a big blue square on a gray background", "the shape",
@@ -247,7 +248,7 @@ def test_fast_path_bf16_loss_equals_eager_bf16_on_cuda(tiny_model):
     features, caps = batch(model, encoder)
     model.train()
     eager = model(features, caps).item()
-    mtl.use_fast_path(model, training=True)
+    model.use_fast_path(training=True)
     assert model.decode != model.decode_eager
     assert model(features, caps).item() == pytest.approx(eager, rel=0.02)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import multimodal_transfer_learning as mtl
+import workflow_tools as tools
 from conftest import SCRIPT, error_lines, explain, leftover_temp_files, parallel, run_script, text
 
 
@@ -160,22 +161,22 @@ def test_a_variant_file_wins_over_the_environment_which_wins_over_the_base_file(
     cfg = mtl.load_config(mtl.read_environment(args.env_file, False))
     variant = write(tmp_path / "v" / "small.env", "TOP_K=0\n")
     own = write(tmp_path / "own.env", f"OUTPUT_DIR_MODELS={tmp_path / 'elsewhere'}\n")
-    small, mine = mtl.sweep_variants([str(variant), str(own)], cfg)
-    got = mtl.variant_config(small, args)
+    small, mine = tools.sweep_variants([str(variant), str(own)], cfg)
+    got = tools.variant_config(small, args)
     assert (got.top_k, got.epochs, got.seed) == (0, 7, 9)
     assert small.folder == Path(base_env["OUTPUT_DIR_MODELS"]) / "small" == Path(got.output_dir_models)
-    assert mine.folder == tmp_path / "elsewhere" == Path(mtl.variant_config(mine, args).output_dir_models)
-    assert mtl.variant_config(mine, args).top_k == 2
+    assert mine.folder == tmp_path / "elsewhere" == Path(tools.variant_config(mine, args).output_dir_models)
+    assert tools.variant_config(mine, args).top_k == 2
 
 
 def test_missing_or_clashing_variant_files_are_usage_errors(config_from_env, tmp_path):
     cfg = config_from_env()
     a, b = write(tmp_path / "a" / "x.env", "TOP_K=0\n"), write(tmp_path / "b" / "x.env", "TOP_K=1\n")
     with pytest.raises(mtl.UserError, match="several files named x") as e:
-        mtl.sweep_variants([str(a), str(b)], cfg)
+        tools.sweep_variants([str(a), str(b)], cfg)
     assert e.value.exit_code == 2
     with pytest.raises(mtl.UserError, match="no such env file: .*nope.env") as e:
-        mtl.sweep_variants([str(a), str(tmp_path / "nope.env")], cfg)
+        tools.sweep_variants([str(a), str(tmp_path / "nope.env")], cfg)
     assert e.value.exit_code == 2
 
 
@@ -184,6 +185,6 @@ def test_a_childs_reason_is_its_last_error_on_one_line():
               "epoch 1/3:  10%|#         | 3/30 [00:01<00:09]\repoch 1/3:  20%|##        | 6/30\r"
               "\x1b[31m12:00:02 ERROR  \x1b[0m invalid configuration:\n  - TOP_K=-1 must be >= 0\n"
               "  - EPOCHS='x' is not an integer\n12:00:03 INFO    W&B: offline\n")
-    assert mtl.error_reason(stderr) == "invalid configuration: - TOP_K=-1 must be >= 0 - EPOCHS='x' is not an integer"
+    assert tools.error_reason(stderr) == "invalid configuration: - TOP_K=-1 must be >= 0 - EPOCHS='x' is not an integer"
     crash = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: CUDA error: out of memory\n"
-    assert mtl.error_reason(crash) == "RuntimeError: CUDA error: out of memory"
+    assert tools.error_reason(crash) == "RuntimeError: CUDA error: out of memory"

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
+import workflow_tools as tools
 from conftest import (error_lines, explain, parallel, qformer_checkpoint, run_fast_path_script, run_script, text,
                       wandb_runs, weights)
 
@@ -131,7 +132,7 @@ def test_compiled_fast_path_gives_the_eager_losses_over_an_epoch(tiny_model):
     cfg, encoder, eager = tiny_model(TOP_K=1, BATCH_SIZE=7)
     _, _, fast = tiny_model(TOP_K=1, BATCH_SIZE=7)  # the same SEED: the same initial weights
     splits, _, _ = mtl.prepare_data(cfg, mtl.load_records(cfg), encoder, eager)
-    mtl.use_fast_path(fast, training=True)
+    fast.use_fast_path(training=True)
     assert fast.decode != fast.decode_eager and fast.fixed_shapes  # it compiled, it did not fall back
     losses = {}
     for name, model in (("eager", eager), ("fast", fast)):
