@@ -1231,6 +1231,16 @@ class Captioner(nn.Module):
                         "(COMPILE=0 skips compiling)")
         self.run_blocks, self.fixed_shapes = self.run_blocks_eager, False
 
+    @contextlib.contextmanager
+    def eager(self):
+        """Eager for the duration of a with-block (a comparison), then back on the path it was on."""
+        saved = self.run_blocks, self.fixed_shapes
+        self.go_eager()
+        try:
+            yield
+        finally:
+            self.run_blocks, self.fixed_shapes = saved
+
     def compile_every_shape(self, training: bool) -> None:
         """Under torchrun: compile now the graph of every padded shape (each length bucket; for evaluation, and
         forward and backward for training), each rank on its own. Compiled on first use instead, a rank would

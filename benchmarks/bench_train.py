@@ -102,6 +102,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import multimodal_transfer_learning as mtl  # noqa: E402
+import workflow_tools as tools  # noqa: E402
 
 # ---- the real shapes --------------------------------------------------------------------------
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -144,41 +145,15 @@ def flickr_captions(n: int, seed: int) -> list[str]:
 
 # ---- assets: models and images on disk ---------------------------------------------------------
 
-def bench_tokenizer(vocab_size: int = QWEN3_0_6B["vocab_size"]):
-    """A word-level tokenizer over the LM's full vocabulary size: every id the LM can emit decodes to one word."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<|endoftext|>": 0, "<unk>": 1}
-    for w in WORDS + PROMPT_WORDS + ["."]:
-        vocab.setdefault(w, len(vocab))
-    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "image:" -> "image", ":"
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
-
-
 def build_assets(root: Path, num_images: int, seed: int, tiny: bool = False) -> dict[str, Path]:
-    """Real-shape (or --tiny) random Qwen3 + CLIP saved like hub checkpoints, and a Flickr-like image folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Qwen3Config, Qwen3ForCausalLM
+    """Real-shape (or --tiny) random Qwen3 + CLIP saved like hub checkpoints, and a Flickr-like image folder.
+    The tokenizer spans the LM's whole vocabulary: every id the LM can emit decodes to one word."""
     lm_shape_, vision_shape = (TINY_QWEN3, TINY_CLIP_VISION) if tiny else (QWEN3_0_6B, CLIP_B32_VISION)
-    lm_dir = root / ("qwen3-tiny" if tiny else "qwen3-0.6b-random")
-    clip_dir = root / ("clip-tiny" if tiny else "clip-vit-b32-random")
-    torch.manual_seed(seed)
-    if not (lm_dir / "config.json").is_file():
-        bench_tokenizer(lm_shape_["vocab_size"]).save_pretrained(lm_dir)
-        cfg = Qwen3Config(**lm_shape_, eos_token_id=0, bos_token_id=None, pad_token_id=None)
-        Qwen3ForCausalLM(cfg).save_pretrained(lm_dir)
-    if not (clip_dir / "config.json").is_file():
-        # The script keeps only the vision tower and the projection; a tiny text tower saves disk and time.
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                    vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-        CLIPModel(CLIPConfig(text_config=text, vision_config=vision_shape,
-                             projection_dim=CLIP_PROJECTION)).save_pretrained(clip_dir)
-        size = vision_shape["image_size"]  # the real CLIP preprocessing: 224 crop, CLIP mean/std
-        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(clip_dir)
-    return {"lm": lm_dir, "clip": clip_dir, "images": build_images(root / "images", num_images, seed)}
+    lm = tools.save_tiny_lm(root / ("qwen3-tiny" if tiny else "qwen3-0.6b-random"), WORDS + PROMPT_WORDS + ["."],
+                            seed, **lm_shape_)
+    clip = tools.save_tiny_encoder(root / ("clip-tiny" if tiny else "clip-vit-b32-random"), "clip", seed,
+                                   projection_dim=CLIP_PROJECTION, **vision_shape)
+    return {"lm": lm, "clip": clip, "images": build_images(root / "images", num_images, seed)}
 
 
 def build_images(folder: Path, num_images: int, seed: int) -> Path:
@@ -316,12 +291,11 @@ def train_split(split: "mtl.Split", num_pairs: int) -> "mtl.Split":
 
 @dataclass
 class Recipe:
-    """One way to run a training step on the shared model: its decoder (eager or compiled), its input
-    shapes, its own AdamW, and whether it eats pixels (plain) or cached features."""
+    """One way to run a training step on the shared model: on the compiled fast path or eager, its own
+    AdamW, and whether it eats pixels (plain) or cached features."""
     name: str
     model: "mtl.Captioner"
-    decode: Callable
-    fixed_shapes: bool
+    fast: bool
     opt: torch.optim.Optimizer
     step: Callable[[list], None]
     pixels: bool = False
@@ -329,22 +303,27 @@ class Recipe:
     graphs: int = 0
 
 
-@contextlib.contextmanager
 def recipe_mode(recipe: Recipe):
-    m = recipe.model
-    saved = m.decode, m.fixed_shapes
-    m.decode, m.fixed_shapes = recipe.decode, recipe.fixed_shapes
-    try:
-        yield
-    finally:
-        m.decode, m.fixed_shapes = saved
+    """The model as the recipe runs it: the fast path where it compiled, else eager for the with-block."""
+    return contextlib.nullcontext() if recipe.fast else recipe.model.eager()
+
+
+def plain_inputs(model, features, caps, prompts, length: int):
+    """inputs_embeds, attention mask and labels with the text padded to `length` tokens, as a first version does."""
+    ids, mask, labels = model.layout(caps, prompts)
+    extra = length - ids.shape[1]
+    ids = torch.nn.functional.pad(ids, (0, extra), value=model.tokenizer.pad_token_id)
+    mask, labels = torch.nn.functional.pad(mask, (0, extra)), torch.nn.functional.pad(labels, (0, extra), value=-100)
+    ids, mask, labels = (model.to_device(t) for t in (ids, mask, labels))
+    return model.embed(features, ids), mask, labels
 
 
 def plain_step(model, encoder, opt, micro_batches: list, max_len: int, grad_clip: float) -> None:
     """The first recipe one writes: encode pixels every step, fixed padding, full-vocabulary logits."""
     for pixels, caps, prompts in micro_batches:
         with model.autocast():
-            embeds, mask, labels = model.build_inputs(encoder(pixels), caps, prompts, pad_to=max_len)
+            length = max(len(p) for p in prompts or [model.prompt_ids]) + max_len
+            embeds, mask, labels = plain_inputs(model, encoder(pixels), caps, prompts, length)
             loss = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         (loss / len(micro_batches)).backward()
     if grad_clip:
@@ -354,21 +333,20 @@ def plain_step(model, encoder, opt, micro_batches: list, max_len: int, grad_clip
 
 
 def make_recipe(name: str, model, encoder, cfg) -> Recipe | None:
-    """plain, eager or fast (None if the fast path fell back to eager: compiling failed)."""
+    """plain, eager or fast (None if the fast path fell back to eager: compiling failed). Build "fast" last:
+    it leaves the model on the fast path, which the other recipes leave for their steps."""
     opt = mtl.make_optimizer(model, cfg)
     if name == "plain":
-        return Recipe(name, model, model.decode_eager, False, opt, pixels=True,
+        return Recipe(name, model, False, opt, pixels=True,
                       step=lambda mb: plain_step(model, encoder, opt, mb, cfg.max_caption_tokens + 1, cfg.grad_clip))
     step = lambda mb: mtl.train_step(model, opt, mb, cfg.grad_clip)  # noqa: E731
     if name.startswith("eager"):
-        return Recipe(name, model, model.decode_eager, False, opt, step)
+        return Recipe(name, model, False, opt, step)
     t, graphs = time.perf_counter(), graphs_compiled()
-    mtl.use_fast_path(model, training=True)  # compiles and runs its first training graph
-    compiled = model.decode
-    model.decode, model.fixed_shapes = model.decode_eager, False
-    if compiled == model.decode_eager:
+    model.use_fast_path(training=True)  # compiles and runs its first training graph
+    if not model.fixed_shapes:
         return None
-    recipe = Recipe(name, model, compiled, True, opt, step)
+    recipe = Recipe(name, model, True, opt, step)
     warm_fast_path(recipe, cfg)
     recipe.warmup_seconds, recipe.graphs = time.perf_counter() - t, graphs_compiled() - graphs
     return recipe
@@ -788,10 +766,10 @@ def config_shapes(top_k: int):
         lm = Qwen3ForCausalLM(lm_cfg)
         enc = CLIPVisionModel(CLIPVisionConfig(**CLIP_B32_VISION))
         cfg = mtl.Config()
-        adapter = sum(p.numel() for p in mtl.Adapter(CLIP_PROJECTION, cfg.adapter_hidden, cfg.num_visual_tokens,
+        adapter = sum(p.numel() for p in mtl.MLPAdapter(CLIP_PROJECTION, cfg.adapter_hidden, cfg.num_visual_tokens,
                                                       lm_cfg.hidden_size).parameters())
     block = sum(p.numel() for p in lm.model.layers[0].parameters())
-    prompt = bench_tokenizer()(cfg.prompt, add_special_tokens=False)["input_ids"]
+    prompt = tools.word_tokenizer(WORDS + PROMPT_WORDS + ["."], QWEN3_0_6B["vocab_size"])(cfg.prompt, add_special_tokens=False)["input_ids"]
     shape = {"layers": lm_cfg.num_hidden_layers, "params_per_block": block, "hidden": lm_cfg.hidden_size,
              "vocab": lm_cfg.vocab_size, "adapter_params": adapter, "visual_tokens": cfg.num_visual_tokens,
              "prompt_tokens": len(prompt)}

@@ -207,7 +207,7 @@ def test_a_qlora_checkpoint_is_refused_on_cpu_before_its_lm_is_fetched(tmp_path)
     path = tmp_path / "2_clip_lora16.pt"
     mtl.torch.save({"format": 1, "model": {}, "config": stored, "epoch": 2, "step": 10, "metrics": {}}, path)
     with pytest.raises(mtl.UserError) as err:
-        mtl.load_trained(cfg, mtl.argparse.Namespace(checkpoint=str(path)))
+        mtl.load_trained(cfg, str(path))
     assert err.value.exit_code == 2 and "QLORA=1 needs a CUDA GPU" in str(err.value)
 
 

@@ -128,7 +128,7 @@ def test_export_replaces_an_earlier_export_and_never_overwrites_another_folder(t
 
     def broken_card(*args):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(mtl, "model_card", broken_card)
+    monkeypatch.setattr(tools, "model_card", broken_card)
     with pytest.raises(mtl.UserError, match="No space left"):
         tools.export_checkpoint(ckpt_path, ckpt, folder)
     assert json.loads((folder / "config.json").read_text())["epoch"] == 2  # the earlier export is intact

@@ -133,7 +133,7 @@ def test_compiled_fast_path_gives_the_eager_losses_over_an_epoch(tiny_model):
     _, _, fast = tiny_model(TOP_K=1, BATCH_SIZE=7)  # the same SEED: the same initial weights
     splits, _, _ = mtl.prepare_data(cfg, mtl.load_records(cfg), encoder, eager)
     fast.use_fast_path(training=True)
-    assert fast.decode != fast.decode_eager and fast.fixed_shapes  # it compiled, it did not fall back
+    assert fast.fixed_shapes  # it compiled, it did not fall back
     losses = {}
     for name, model in (("eager", eager), ("fast", fast)):
         opt = mtl.make_optimizer(model, cfg)
@@ -165,7 +165,7 @@ def test_fast_path_compiles_at_most_8_graphs_for_caption_lengths_1_to_48(base_en
     above runs inductor itself)."""
     stderr, buckets = run_fast_path_script({**base_env, "MAX_CAPTION_TOKENS": "47", "BATCH_SIZE": "4",
                                             "EVAL_BATCH_SIZE": "8"})
-    recompiles = stderr.count("Recompiling function decode_eager")
+    recompiles = stderr.count("Recompiling function run_blocks_eager")
     assert recompiles + 1 == 2 * buckets <= 8, (recompiles, buckets)
 
 
