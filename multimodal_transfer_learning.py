@@ -2510,6 +2510,10 @@ def cmd_ask(cfg: Config, checkpoint: str | None, question: str, images: list[str
     return describe_images(m, images, prompt_ids)
 
 
+# =============================================================================================
+# Command line
+# =============================================================================================
+
 def env_help() -> str:
     lines = ["environment variables (also read from .env; see .env.example):"]
     for f in dataclasses.fields(Config):

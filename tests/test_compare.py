@@ -132,7 +132,8 @@ def no_matplotlib(tmp_path) -> str:
 
 
 def test_compare_command_prints_the_table_and_fails_in_one_line_without_matplotlib(runs, base_env, no_matplotlib):
-    env = {**base_env, "OUTPUT_DIR_MODELS": str(runs)}
+    # DEVICE=cuda as in the .env of a GPU box whose results are compared on a laptop: comparing runs no model
+    env = {**base_env, "OUTPUT_DIR_MODELS": str(runs), "DEVICE": "cuda"}
     res = run_script(["--compare"], env)  # default: OUTPUT_DIR_MODELS
     assert res.returncode == 0, explain(res)
     assert "| b/3_clip_top1 |" in res.stdout and "**2.0000**" in res.stdout

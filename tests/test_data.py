@@ -92,8 +92,15 @@ def test_hub_dataset_with_list_or_string_captions(config_from_env, tmp_path, mon
     datasets.Dataset.from_dict(table, features=datasets.Features({
         "image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
         "filename": datasets.Value("string")})).save_to_disk(path)
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.load_from_disk(path))
-    records, store, no_caption = mtl.load_records(config_from_env(dataset="someone/flickr-like"))
+    asked = []
+
+    def load_dataset(name, split=None, token=None, **kw):  # the hub's answer for this one dataset
+        asked.append((name, split, token))
+        return datasets.load_from_disk(path)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    records, store, no_caption = mtl.load_records(config_from_env(dataset="someone/flickr-like",
+                                                                  dataset_split="train", hf_token="hf_abcdef"))
+    assert asked == [("someone/flickr-like", "train", "hf_abcdef")]
     assert [r.image_id for r in records] == ["1.jpg", "2.jpg"] and no_caption == ["3.jpg"]
     assert records[0].captions == ["a red circle", "red round"]
     assert store.open(records[1].ref).getpixel((24, 24)) == (30, 60, 220)
@@ -183,6 +190,22 @@ def test_cached_features_equal_freshly_computed_ones(tiny_model):
         torch.testing.assert_close(feats[records[i].image_id], single, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_pooled_features_are_clips_image_embedding_or_vits_cls_token(tiny_model, tiny_clip_dir, tiny_vit_dir, kind):
+    """What the MLP adapter reads, against transformers' own definitions of it."""
+    from transformers import CLIPModel, ViTModel
+    folder = tiny_clip_dir if kind == "clip" else tiny_vit_dir
+    _, encoder, _ = tiny_model(vision_encoder=kind, vision_model=folder)
+    pixels = torch.stack([encoder.preprocess(draw(c, "circle")) for c in ("red", "blue")])
+    with torch.no_grad():
+        if kind == "clip":
+            expected = CLIPModel.from_pretrained(folder).get_image_features(pixel_values=pixels)
+            expected = getattr(expected, "pooler_output", expected)  # transformers 5 may wrap it
+        else:
+            expected = ViTModel.from_pretrained(folder, add_pooling_layer=False)(pixel_values=pixels).last_hidden_state[:, 0]
+    torch.testing.assert_close(encoder(pixels), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_is_reused_when_nothing_changed(tiny_model):
     cfg, encoder, _ = tiny_model()
     path, feats, _, _ = cache_call(cfg, encoder)
@@ -205,36 +228,33 @@ def test_cache_is_rebuilt_for_another_encoder(tiny_model, tiny_vit_dir):
     assert vit_feats[k].shape == (vit.dim,) != clip_feats[k].shape
 
 
-def test_cache_is_rebuilt_when_the_model_dir_is_re_saved(tiny_model, tiny_clip_dir, tmp_path):
+def double_the_projection(model_dir: Path):
+    """Fine-tuned elsewhere and saved over the same folder: every CLIP embedding doubles."""
     from transformers import CLIPModel
-    model_dir = tmp_path / "my-clip"
-    shutil.copytree(tiny_clip_dir, model_dir)
-    cfg, encoder, _ = tiny_model(VISION_MODEL=str(model_dir))
-    old_path, old_feats, _, _ = cache_call(cfg, encoder)
-    clip = CLIPModel.from_pretrained(model_dir)  # fine-tuned elsewhere and saved over the same folder
+    clip = CLIPModel.from_pretrained(model_dir)
     with torch.no_grad():
         clip.visual_projection.weight.mul_(2)
     clip.save_pretrained(model_dir)
-    cfg, encoder, _ = tiny_model(VISION_MODEL=str(model_dir))
-    new_path, new_feats, _, _ = cache_call(cfg, encoder)
-    assert new_path != old_path
-    k = next(iter(new_feats))
-    torch.testing.assert_close(new_feats[k], 2 * old_feats[k], rtol=1e-5, atol=1e-6)
 
 
-def test_cache_is_rebuilt_when_the_preprocessing_changes(tiny_model, tiny_clip_dir, tmp_path):
+def change_the_normalisation(model_dir: Path):
+    conf = model_dir / "preprocessor_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "image_mean": [0.5, 0.5, 0.5]}))
+
+
+@pytest.mark.parametrize("edit", [double_the_projection, change_the_normalisation])
+def test_cache_is_rebuilt_when_the_model_folder_changes(tiny_model, tiny_clip_dir, tmp_path, edit):
     model_dir = tmp_path / "my-clip"
     shutil.copytree(tiny_clip_dir, model_dir)
     cfg, encoder, _ = tiny_model(VISION_MODEL=str(model_dir))
     old_path, old_feats, _, _ = cache_call(cfg, encoder)
-    conf = model_dir / "preprocessor_config.json"
-    doc = json.loads(conf.read_text())
-    doc["image_mean"] = [0.5, 0.5, 0.5]
-    conf.write_text(json.dumps(doc))
+    edit(model_dir)
     cfg, encoder, _ = tiny_model(VISION_MODEL=str(model_dir))
     new_path, new_feats, _, _ = cache_call(cfg, encoder)
     assert new_path != old_path
     k = next(iter(new_feats))
+    if edit is double_the_projection:
+        torch.testing.assert_close(new_feats[k], 2 * old_feats[k], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(new_feats[k], old_feats[k])
 
 

@@ -42,3 +42,13 @@ def test_the_readme_names_every_command_line_option():
 
 def test_the_readme_has_no_unfilled_figures():
     assert "{{" not in README and "TODO" not in README
+
+
+def test_ci_runs_the_readmes_commands_as_they_stand():
+    """.ci/run is the README's set-up and test commands, nothing else, so the two cannot drift apart."""
+    commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", README, re.S))
+    readme_commands = {line.split("  #")[0].strip() for line in blocks.splitlines()}
+    assert commands and [c for c in commands if c not in readme_commands] == []
+    assert commands[-1] == "python -m pytest -q tests"
