@@ -5,7 +5,6 @@ nothing the script loads with torch.load can run code (weights_only=True everywh
 per-epoch history beside its checkpoints keeps earlier epochs across a resume."""
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import errno
@@ -154,7 +153,7 @@ def test_history_keeps_earlier_epochs_and_an_epoch_done_again_replaces_the_later
     images = {"train": 32, "val": 4, "test": 4}
     for epoch in (1, 2, 3):
         mtl.record_epoch(cfg, epoch, 10 * epoch, epoch_metrics(epoch), images)
-    path = mtl.history_path(cfg)
+    path = mtl.history_path(cfg.output_dir_models, cfg.run_name)
     assert path.name == "clip_top1.history.jsonl" and path.parent == Path(cfg.output_dir_models)
     first = path.read_text().splitlines()[0]
     assert json.loads(first) == {"epoch": 1, "step": 10, "train_loss": 3.4, "train_seconds": 1.5, "val_loss": 2.9,
@@ -238,10 +237,9 @@ def test_resume_ignores_the_settings_its_variant_does_not_use(tiny_model, varian
     model: changing them does not block --resume; a setting that does is named."""
     cfg, _, model = tiny_model(**variant)
     path = mtl.save_checkpoint(model, mtl.make_optimizer(model, cfg), cfg, 1, 10, {"loss": 1.0}, None)
-    args = argparse.Namespace(checkpoint=str(path))
-    assert mtl.checkpoint_to_resume(dataclasses.replace(cfg, **ignored), args)[0] == path
+    assert mtl.checkpoint_to_resume(dataclasses.replace(cfg, **ignored), str(path))[0] == path
     with pytest.raises(mtl.UserError) as e:
-        mtl.checkpoint_to_resume(dataclasses.replace(cfg, **shaping), args)
+        mtl.checkpoint_to_resume(dataclasses.replace(cfg, **shaping), str(path))
     (key, value), = shaping.items()
     assert f"{key.upper()}={value!r}" in str(e.value) and "restore them to resume" in str(e.value)
 

@@ -4,7 +4,6 @@ the end while the others run; a finished variant skipped, an interrupted one res
 the whole sweep; the comparison printed at the end."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -157,16 +156,15 @@ def test_a_variant_file_wins_over_the_environment_which_wins_over_the_base_file(
     monkeypatch.delenv("TOP_K")
     monkeypatch.setenv("EPOCHS", "7")
     base = write(tmp_path / "base.env", "TOP_K=2\nEPOCHS=5\nSEED=9\n")
-    args = argparse.Namespace(env_file=str(base), demo=False)
-    cfg = mtl.load_config(mtl.read_environment(args.env_file, False))
+    cfg = mtl.load_config(mtl.read_environment(str(base), False))
     variant = write(tmp_path / "v" / "small.env", "TOP_K=0\n")
     own = write(tmp_path / "own.env", f"OUTPUT_DIR_MODELS={tmp_path / 'elsewhere'}\n")
     small, mine = tools.sweep_variants([str(variant), str(own)], cfg)
-    got = tools.variant_config(small, args)
+    got = tools.variant_config(small, str(base), False)
     assert (got.top_k, got.epochs, got.seed) == (0, 7, 9)
     assert small.folder == Path(base_env["OUTPUT_DIR_MODELS"]) / "small" == Path(got.output_dir_models)
-    assert mine.folder == tmp_path / "elsewhere" == Path(tools.variant_config(mine, args).output_dir_models)
-    assert tools.variant_config(mine, args).top_k == 2
+    assert mine.folder == tmp_path / "elsewhere" == Path(tools.variant_config(mine, str(base), False).output_dir_models)
+    assert tools.variant_config(mine, str(base), False).top_k == 2
 
 
 def test_missing_or_clashing_variant_files_are_usage_errors(config_from_env, tmp_path):
