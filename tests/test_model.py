@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
-import workflow_tools as tools
 from conftest import ROOT, SCRIPT, lora_names_and_shapes
 
 CAPTIONS = ["a red circle", "a photo of a big blue square on a gray background", "the shape",

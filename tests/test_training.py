@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import multimodal_transfer_learning as mtl
-import workflow_tools as tools
 from conftest import (error_lines, explain, parallel, qformer_checkpoint, run_fast_path_script, run_script, text,
                       wandb_runs, weights)
 
