@@ -25,7 +25,9 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import difflib
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -278,10 +280,32 @@ def read_environment(env_file: str | None, demo: bool, environ: dict[str, str] |
     if env_file and not path.is_file():
         raise UserError(f"--env-file {env_file}: no such file", exit_code=2)
     file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    if environ is None:  # (--sweep reads the file again for each variant: said once, at its start)
+        for problem in unknown_variables(file_values):
+            log.warning(f"{path}: {problem}; it is ignored")
     if demo:
         file_values = {k: v for k, v in file_values.items() if v and (k.startswith("WANDB_") or k in SECRET_ENV)}
         file_values = {**workflow_tools("--demo").DEMO_PRESET, **file_values}
     return {**file_values, **(os.environ if environ is None else environ)}
+
+
+# Variables the libraries in use read (Hugging Face, W&B, PyTorch and torchrun, CUDA, the thread pools, Java for
+# METEOR): an env file may hold them beside our settings.
+LIBRARY_VARIABLES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "WANDB_", "TORCH", "PYTORCH_",
+                     "CUDA_", "CUBLAS_", "CUDNN_", "NCCL_", "GLOO_", "TRITON_", "OMP_", "MKL_", "KMP_", "OPENBLAS_",
+                     "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHON", "JAVA_")
+
+
+def unknown_variables(keys) -> list[str]:
+    """'KEY is not a setting (did you mean SETTING?)' for each of `keys` (an env file's) that is neither a setting
+    nor a library's variable: a typo would otherwise run the default without a word."""
+    settings = [f.name.upper() for f in dataclasses.fields(Config)]
+    problems = []
+    for key in keys:
+        if key not in settings and not key.startswith(LIBRARY_VARIABLES):
+            close = difflib.get_close_matches(key.upper(), settings, n=1, cutoff=0.75)
+            problems.append(f"{key} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
+    return problems
 
 
 def load_config(env: dict[str, str]) -> Config:
@@ -834,23 +858,54 @@ def _file_stamp(path: str):
 
 
 def cached_features(cfg: Config, encoder: VisionEncoder, records, store) -> tuple[dict[str, torch.Tensor], dict]:
-    """{image_id: feature} for every decodable image, computed once and then read from CACHE_DIR. Under
-    torchrun every rank encodes its share of the images, every rank gets them all, and rank 0 writes the cache."""
+    """{image_id: feature} for every decodable image, computed once and then read from CACHE_DIR. A run that
+    finds another one writing the same cache waits for it (its lock), then reads it."""
     path = feature_cache_path(cfg, encoder, records, store)
-    if encoder.patches:
-        return cached_patch_tokens(path, records, store, encoder, cfg)
-    if DIST.from_main(path.is_file):  # one answer for all ranks, even if the file appears meanwhile
-        blob = torch.load(path, weights_only=True)
-        log.info(f"image features: read {len(blob['ids'])} from cache {path}")
+    with holding_lock(output_path(path.parent, f".{path.name}", "lock"), re.compile(re.escape(path.name))):
+        if encoder.patches:
+            return cached_patch_tokens(path, records, store, encoder, cfg)
+        return cached_pooled_features(path, records, store, encoder, cfg)
+
+
+def cached_pooled_features(path: Path, records, store, encoder: VisionEncoder, cfg: Config) -> tuple[dict, dict]:
+    """{image_id: (D,) feature} from the cache file `path`, written first if needed. Under torchrun every rank
+    encodes its share of the images, every rank gets them all, and rank 0 writes the cache."""
+    found = open_cache(path, read_pooled_cache, records, encoder.feature_shape)
+    if all(DIST.gather(found is not None, patient=True)):  # one answer for all ranks
+        ids, features, bad = found
+        log.info(f"image features: read {len(ids)} from cache {path}")
     else:
         shares = DIST.gather(encode_records(records[DIST.share(len(records))], store, encoder, cfg), patient=True)
         feats, bad = torch.cat([f for f, _ in shares]), {i: why for _, b in shares for i, why in b.items()}
         ok = [i for i, r in enumerate(records) if r.image_id not in bad]
-        blob = {"ids": [records[i].image_id for i in ok], "features": feats[ok].contiguous(), "bad": bad}
+        ids, features = [records[i].image_id for i in ok], feats[ok].contiguous()
         if DIST.is_main:
-            atomic_save(blob, path)
+            atomic_save({"ids": ids, "features": features, "bad": bad}, path)
         log.info(f"image features: encoded {len(ok)} images, cached in {path}")
-    return dict(zip(blob["ids"], blob["features"])), blob["bad"]
+    return dict(zip(ids, features)), bad
+
+
+def open_cache(path: Path, read, records, feature_shape: tuple) -> tuple | None:
+    """(ids, features, bad) as `read(path)` gives them from a feature cache, or None if there is none. A cache
+    that cannot be read, or whose rows do not match the records, is derived data: one warning, and None, so
+    that it is computed again."""
+    if not path.exists():
+        return None
+    try:
+        ids, features, bad = read(path)
+        if tuple(features.shape) != (len(ids), *feature_shape) or set(ids) | set(bad) != {r.image_id for r in records}:
+            raise ValueError(f"{tuple(features.shape)} features for {len(ids)} of {len(records)} images, "
+                             f"each {tuple(feature_shape)} expected")
+        return ids, features, bad
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        log.warning(f"the feature cache {path} is damaged ({type(e).__name__}: {why}); computing it again")
+        return None
+
+
+def read_pooled_cache(path: Path) -> tuple:
+    blob = torch.load(path, weights_only=True)
+    return blob["ids"], blob["features"], blob["bad"]
 
 
 PATCH_TABLE, PATCH_INDEX = "tokens.npy", "index.json"
@@ -860,17 +915,22 @@ def cached_patch_tokens(path: Path, records, store, encoder: VisionEncoder, cfg:
     """{image_id: (P, D) fp16 patch tokens} read memory-mapped from the cache folder `path` (written once):
     the table (Flickr30k: 2.4 GB for CLIP B/32, 9.6 GB for ViT-B/16) is never loaded whole into RAM, the
     OS pages in the rows a batch gathers. Copy-on-write, so no stray write can reach the cache file."""
-    import numpy as np
-    written = DIST.from_main(lambda: not (path / PATCH_INDEX).is_file())
+    written = DIST.from_main(lambda: open_cache(path, read_patch_cache, records, encoder.feature_shape) is None)
     if written and DIST.is_main:  # under torchrun rank 0 encodes them all while the others wait
         write_patch_cache(path, records, store, encoder, cfg)
     DIST.barrier()
-    index = json.loads((path / PATCH_INDEX).read_text())
-    table = torch.from_numpy(np.load(path / PATCH_TABLE, mmap_mode="c"))
-    rows = {i: table[n] for n, i in enumerate(index["ids"]) if i not in index["bad"]}
+    ids, table, bad = read_patch_cache(path)
+    rows = {i: table[n] for n, i in enumerate(ids) if i not in bad}
     log.info(f"patch tokens: {'encoded' if written else 'read'} {len(rows)} images, "
              f"{'cached in' if written else 'from cache'} {path}")
-    return rows, index["bad"]
+    return rows, bad
+
+
+def read_patch_cache(path: Path) -> tuple:
+    """The index's ids and bad images, and the (N, P, D) table memory-mapped."""
+    import numpy as np
+    index = json.loads((path / PATCH_INDEX).read_text())
+    return index["ids"], torch.from_numpy(np.load(path / PATCH_TABLE, mmap_mode="c")), index["bad"]
 
 
 def write_patch_cache(path: Path, records, store, encoder: VisionEncoder, cfg: Config) -> None:
@@ -1198,7 +1258,7 @@ class Captioner(nn.Module):
         try:
             return self.run_blocks(embeds, mask)
         except Exception as e:
-            if not self.fixed_shapes:
+            if not self.fixed_shapes or is_out_of_memory(e):
                 raise
             self.go_eager(e)  # a real bug fails again below, eagerly, with its own traceback
             return self.run_blocks(embeds, mask)
@@ -1785,7 +1845,7 @@ CHECKPOINT_NAME = re.compile(r"(\d+)_(clip|vit)(_qformer)?_(?:top(\d+)|lora(\d+)
 # Every file a run writes into OUTPUT_DIR_MODELS: a stem, then the kind's suffix. A checkpoint's stem is
 # {epoch}_{run_name}, and the results of testing it share that stem; a run's history is {run_name}.history.jsonl.
 OUTPUT_SUFFIXES = {"checkpoint": ".pt", "history": ".history.jsonl", "results": ".csv", "test": ".test.json",
-                   "captions": ".test_captions.jsonl", "explain": ".explain"}
+                   "captions": ".test_captions.jsonl", "explain": ".explain", "lock": ".lock"}
 
 
 def output_path(folder: Path | str, stem: str, kind: str) -> Path:
@@ -1801,6 +1861,21 @@ def result_path(checkpoint: Path, kind: str) -> Path:
     return output_path(checkpoint.parent, checkpoint.name.removesuffix(OUTPUT_SUFFIXES["checkpoint"]), kind)
 
 
+def run_checkpoint_name(cfg: Config) -> re.Pattern:
+    """{epoch}_{run_name}.pt, the epoch captured: the checkpoints of this configuration's run."""
+    return re.compile(rf"(\d+)_{re.escape(cfg.run_name)}{re.escape(OUTPUT_SUFFIXES['checkpoint'])}")
+
+
+def run_lock(cfg: Config):
+    """One --train at a time of a run into its folder: a second would interleave its epochs and resume state
+    (--test of its checkpoints meanwhile is fine). Taking it removes what killed writes of the run left."""
+    folder = Path(cfg.output_dir_models)
+    owns = re.compile(f"{run_checkpoint_name(cfg).pattern}|{re.escape(history_path(folder, cfg.run_name).name)}")
+    return holding_lock(output_path(folder, f".{cfg.run_name}", "lock"), owns, busy=(
+        f"is training {cfg.run_name} into OUTPUT_DIR_MODELS={folder} already: wait for it to end, stop it, or set "
+        "OUTPUT_DIR_MODELS to another folder"))
+
+
 def settings_in_name(name: str) -> dict[str, str] | None:
     """What a checkpoint's file name says of its variant: {"VISION_ENCODER": "clip", "TOP_K": "3", ...}."""
     m = CHECKPOINT_NAME.fullmatch(name)
@@ -1813,8 +1888,7 @@ def settings_in_name(name: str) -> dict[str, str] | None:
 def find_last_checkpoint(cfg: Config) -> Path:
     """The highest epoch of this configuration's variant (encoder, adapter, tuning) in OUTPUT_DIR_MODELS."""
     folder = Path(cfg.output_dir_models)
-    pattern = re.compile(rf"(\d+)_{re.escape(cfg.run_name)}\.pt")
-    found = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := pattern.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := run_checkpoint_name(cfg).fullmatch(p.name))]
     if found:
         return max(found)[1]
     others = []
@@ -2172,6 +2246,108 @@ def atomic_folder(path: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+# The temp names of atomic_write and atomic_folder: .{name}.{8 random characters}.tmp, .{name}.old{pid}.tmp
+ATOMIC_TEMP = re.compile(r"\.(.+)\.(?:[a-z0-9_]{8}|old\d+)\.tmp")
+
+
+def remove_stale_temps(folder: Path, owns: re.Pattern) -> None:
+    """Remove the temp files and folders that killed atomic writes of the files named `owns` left in `folder`
+    (a checkpoint's: hundreds of MB), saying how much that frees."""
+    stale = [p for p in folder.glob(".*.tmp") if (m := ATOMIC_TEMP.fullmatch(p.name)) and owns.fullmatch(m[1])]
+    freed = sum(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+                for p in stale)
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if stale:
+        log.info(f"removed {len(stale)} temp file(s) that interrupted writes left in {folder}: {readable_size(freed)} freed")
+
+
+def take_lock(path: Path, wait: bool) -> int | str:
+    """An OS lock on the file `path` (flock: the kernel drops it when its holder dies, so none is ever stale),
+    whose text then names its holder. Returns the file descriptor, or, when another process holds it and not
+    `wait`, its holder's name; with `wait`, waits for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1000, 0).decode(errors="replace") or "another process"
+            if not wait:
+                os.close(fd)
+                return holder
+            log.info(f"waiting for {holder}, which holds {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):  # else its last holder removed it meanwhile: again
+                command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"process {os.getpid()} on {os.uname().nodename} ({command}, since "
+                              f"{time.strftime('%H:%M:%S')})".encode(), 0)
+                return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def holding_lock(lock: Path, owns: re.Pattern, busy: str | None = None):
+    """The with-block, run while this process (rank 0 under torchrun) holds `lock` (see `take_lock`). Only its
+    holder writes the files named `owns` in lock's folder, so the temps left there by killed writes of them are
+    removed first. busy: why another holder stops this run (exit 2); None: wait for it."""
+    taken = DIST.from_main(take_lock, lock, wait=busy is None)
+    if isinstance(taken, str):
+        raise UserError(f"{taken} {busy}", exit_code=2)
+    try:
+        if DIST.is_main:
+            remove_stale_temps(lock.parent, owns)
+        yield
+    finally:
+        if DIST.is_main:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            os.close(taken)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's out-of-memory error, Python's MemoryError, or the failure of PyTorch's CPU allocator (a RuntimeError)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator: can't allocate" in str(e)
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(cfg: Config, device: torch.device, training: bool):
+    """Out of memory in the with-block (a training step, or else evaluation) stops the run with one line: the
+    batch size, the memory in use and available, what to set instead. Nothing is written, so checkpoints stay."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        half = cfg.batch_size // (2 * DIST.world_size) * DIST.world_size  # a global batch divides over the ranks
+        if not training:
+            where, fix = f"evaluation at EVAL_BATCH_SIZE={cfg.eval_batch_size}", f"EVAL_BATCH_SIZE={max(1, cfg.eval_batch_size // 2)}"
+        elif half:
+            where, fix = f"a training step at BATCH_SIZE={cfg.batch_size}", (
+                f"BATCH_SIZE={half} GRAD_ACCUM={2 * cfg.grad_accum} ({2 * half * cfg.grad_accum} pairs per optimizer step; "
+                f"now {cfg.batch_size * cfg.grad_accum})")
+        else:
+            where, fix = f"a training step at BATCH_SIZE={cfg.batch_size}", "a lower MAX_CAPTION_TOKENS or TOP_K, or TUNING=lora"
+        raise UserError(f"out of memory in {where} ({memory_in_use(device)}): set {fix}; the last good checkpoint is "
+                        "kept") from None
+
+
+def memory_in_use(device: torch.device) -> str:
+    """What this process held at its peak and what there is, on `device`."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (f"{readable_size(torch.cuda.max_memory_reserved(device))} held by PyTorch at the peak, "
+                f"{readable_size(free)} of {readable_size(total)} free on {device}")
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return (f"{readable_size(peak)} in use at the peak, of {readable_size(ram)} RAM" +
+            (f" and an address-space limit of {readable_size(limit)} (ulimit -v)" if limit != resource.RLIM_INFINITY else ""))
+
+
 def check_free_space(folder: Path, needed: int, what: str) -> None:
     """Stop before writing `needed` bytes under `folder` if the disk cannot hold them."""
     free = shutil.disk_usage(folder).free
@@ -2371,9 +2547,11 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
             log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
         for epoch in range(start_epoch, cfg.epochs + 1):
             started = time.perf_counter()
-            train_loss = train_epoch(trainer, opt, splits["train"], cfg, epoch, state, run)
+            with out_of_memory_advice(cfg, device, training=True):
+                train_loss = train_epoch(trainer, opt, splits["train"], cfg, epoch, state, run)
             train_seconds = time.perf_counter() - started
-            metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
+            with out_of_memory_advice(cfg, device, training=False):
+                metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
             metrics.update(train_loss=train_loss, train_seconds=train_seconds)
             samples = sample_table(run, by_id, store, fixed_val, preds)
             run.log({f"val/{k}": v for k, v in {**metrics, **samples}.items() if v is not None} | {"epoch": epoch},
@@ -2437,7 +2615,8 @@ def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -
     test = splits["test"]
     banner(cfg, m.device, m.dtype, splits, m.model)
     with wandb_run(cfg, "test", demo=demo) as run:
-        metrics, preds = evaluate(m.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
+        with out_of_memory_advice(cfg, m.device, training=False):
+            metrics, preds = evaluate(m.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
         if not DIST.is_main:
             return  # rank 0 writes and reports
         decoding = {k: v for k, v in decoding_kwargs(cfg).items() if v is not None}
@@ -2604,7 +2783,8 @@ def workflow_tools(command: str):
 def run_command(cfg: Config, args) -> int:
     """The command's exit code; the commands that run a model resolve the device themselves."""
     if args.train:
-        cmd_train(cfg, args.checkpoint if args.resume else None, resume=args.resume, demo=args.demo)
+        with run_lock(cfg):
+            cmd_train(cfg, args.checkpoint if args.resume else None, resume=args.resume, demo=args.demo)
     elif args.test:
         cmd_test(cfg, args.checkpoint, untrained=args.untrained, demo=args.demo)
     elif args.caption:
