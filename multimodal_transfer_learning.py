@@ -280,32 +280,24 @@ def read_environment(env_file: str | None, demo: bool, environ: dict[str, str] |
     if env_file and not path.is_file():
         raise UserError(f"--env-file {env_file}: no such file", exit_code=2)
     file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
-    if environ is None:  # (--sweep reads the file again for each variant: said once, at its start)
-        for problem in unknown_variables(file_values):
-            log.warning(f"{path}: {problem}; it is ignored")
+    for problem in unknown_variables(file_values) if environ is None else []:  # a --sweep's variant: said at its start
+        log.warning(f"{path}: {problem}; it is ignored")
     if demo:
         file_values = {k: v for k, v in file_values.items() if v and (k.startswith("WANDB_") or k in SECRET_ENV)}
         file_values = {**workflow_tools("--demo").DEMO_PRESET, **file_values}
     return {**file_values, **(os.environ if environ is None else environ)}
 
 
-# Variables the libraries in use read (Hugging Face, W&B, PyTorch and torchrun, CUDA, the thread pools, Java for
-# METEOR): an env file may hold them beside our settings.
 LIBRARY_VARIABLES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "WANDB_", "TORCH", "PYTORCH_",
-                     "CUDA_", "CUBLAS_", "CUDNN_", "NCCL_", "GLOO_", "TRITON_", "OMP_", "MKL_", "KMP_", "OPENBLAS_",
-                     "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHON", "JAVA_")
+                     "CUDA_", "NCCL_", "TRITON_", "OMP_", "MKL_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "PYTHON")
 
 
 def unknown_variables(keys) -> list[str]:
-    """'KEY is not a setting (did you mean SETTING?)' for each of `keys` (an env file's) that is neither a setting
-    nor a library's variable: a typo would otherwise run the default without a word."""
+    """'KEY is not a setting (did you mean SETTING?)' for each key of an env file that neither we nor a library reads."""
     settings = [f.name.upper() for f in dataclasses.fields(Config)]
-    problems = []
-    for key in keys:
-        if key not in settings and not key.startswith(LIBRARY_VARIABLES):
-            close = difflib.get_close_matches(key.upper(), settings, n=1, cutoff=0.75)
-            problems.append(f"{key} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
-    return problems
+    return [f"{key} is not a setting" + "".join(f" (did you mean {close}?)" for close in
+                                               difflib.get_close_matches(key.upper(), settings, n=1, cutoff=0.75))
+            for key in keys if key not in settings and not key.startswith(LIBRARY_VARIABLES)]
 
 
 def load_config(env: dict[str, str]) -> Config:
@@ -864,48 +856,33 @@ def cached_features(cfg: Config, encoder: VisionEncoder, records, store) -> tupl
     with holding_lock(output_path(path.parent, f".{path.name}", "lock"), re.compile(re.escape(path.name))):
         if encoder.patches:
             return cached_patch_tokens(path, records, store, encoder, cfg)
-        return cached_pooled_features(path, records, store, encoder, cfg)
+        blob = open_cache(path, lambda p: torch.load(p, weights_only=True), records, encoder.feature_shape)
+        if all(DIST.gather(blob is not None, patient=True)):  # one answer for all ranks
+            log.info(f"image features: read {len(blob['ids'])} from cache {path}")
+        else:
+            shares = DIST.gather(encode_records(records[DIST.share(len(records))], store, encoder, cfg), patient=True)
+            feats, bad = torch.cat([f for f, _ in shares]), {i: why for _, b in shares for i, why in b.items()}
+            ok = [i for i, r in enumerate(records) if r.image_id not in bad]
+            blob = {"ids": [records[i].image_id for i in ok], "features": feats[ok].contiguous(), "bad": bad}
+            if DIST.is_main:
+                atomic_save(blob, path)
+            log.info(f"image features: encoded {len(ok)} images, cached in {path}")
+    return dict(zip(blob["ids"], blob["features"])), blob["bad"]
 
 
-def cached_pooled_features(path: Path, records, store, encoder: VisionEncoder, cfg: Config) -> tuple[dict, dict]:
-    """{image_id: (D,) feature} from the cache file `path`, written first if needed. Under torchrun every rank
-    encodes its share of the images, every rank gets them all, and rank 0 writes the cache."""
-    found = open_cache(path, read_pooled_cache, records, encoder.feature_shape)
-    if all(DIST.gather(found is not None, patient=True)):  # one answer for all ranks
-        ids, features, bad = found
-        log.info(f"image features: read {len(ids)} from cache {path}")
-    else:
-        shares = DIST.gather(encode_records(records[DIST.share(len(records))], store, encoder, cfg), patient=True)
-        feats, bad = torch.cat([f for f, _ in shares]), {i: why for _, b in shares for i, why in b.items()}
-        ok = [i for i, r in enumerate(records) if r.image_id not in bad]
-        ids, features = [records[i].image_id for i in ok], feats[ok].contiguous()
-        if DIST.is_main:
-            atomic_save({"ids": ids, "features": features, "bad": bad}, path)
-        log.info(f"image features: encoded {len(ok)} images, cached in {path}")
-    return dict(zip(ids, features)), bad
-
-
-def open_cache(path: Path, read, records, feature_shape: tuple) -> tuple | None:
-    """(ids, features, bad) as `read(path)` gives them from a feature cache, or None if there is none. A cache
-    that cannot be read, or whose rows do not match the records, is derived data: one warning, and None, so
-    that it is computed again."""
-    if not path.exists():
-        return None
+def open_cache(path: Path, read, records, feature_shape: tuple) -> dict | None:
+    """A feature cache as `read(path)` gives it ({"ids", "features", "bad"}), or None if there is none; or if it is
+    unreadable or does not hold the records' rows (truncated, damaged): derived data, said and computed again."""
     try:
-        ids, features, bad = read(path)
-        if tuple(features.shape) != (len(ids), *feature_shape) or set(ids) | set(bad) != {r.image_id for r in records}:
-            raise ValueError(f"{tuple(features.shape)} features for {len(ids)} of {len(records)} images, "
-                             f"each {tuple(feature_shape)} expected")
-        return ids, features, bad
+        blob = read(path) if path.exists() else None
+        if blob and (blob["features"].shape != (len(blob["ids"]), *feature_shape)
+                     or set(blob["ids"]) | set(blob["bad"]) != {r.image_id for r in records}):
+            raise ValueError(f"{tuple(blob['features'].shape)} features, {len(records)} x {feature_shape} expected")
+        return blob
     except Exception as e:
-        why = (str(e).strip().splitlines() or [""])[0][:200]
+        why = " ".join(str(e).split()).split(". ")[0][:200]  # torch's messages run to paragraphs
         log.warning(f"the feature cache {path} is damaged ({type(e).__name__}: {why}); computing it again")
         return None
-
-
-def read_pooled_cache(path: Path) -> tuple:
-    blob = torch.load(path, weights_only=True)
-    return blob["ids"], blob["features"], blob["bad"]
 
 
 PATCH_TABLE, PATCH_INDEX = "tokens.npy", "index.json"
@@ -919,18 +896,17 @@ def cached_patch_tokens(path: Path, records, store, encoder: VisionEncoder, cfg:
     if written and DIST.is_main:  # under torchrun rank 0 encodes them all while the others wait
         write_patch_cache(path, records, store, encoder, cfg)
     DIST.barrier()
-    ids, table, bad = read_patch_cache(path)
-    rows = {i: table[n] for n, i in enumerate(ids) if i not in bad}
+    blob = read_patch_cache(path)
+    rows = {i: blob["features"][n] for n, i in enumerate(blob["ids"]) if i not in blob["bad"]}
     log.info(f"patch tokens: {'encoded' if written else 'read'} {len(rows)} images, "
              f"{'cached in' if written else 'from cache'} {path}")
-    return rows, bad
+    return rows, blob["bad"]
 
 
-def read_patch_cache(path: Path) -> tuple:
-    """The index's ids and bad images, and the (N, P, D) table memory-mapped."""
+def read_patch_cache(path: Path) -> dict:
     import numpy as np
-    index = json.loads((path / PATCH_INDEX).read_text())
-    return index["ids"], torch.from_numpy(np.load(path / PATCH_TABLE, mmap_mode="c")), index["bad"]
+    return {**json.loads((path / PATCH_INDEX).read_text()),
+            "features": torch.from_numpy(np.load(path / PATCH_TABLE, mmap_mode="c"))}  # (N, P, D) fp16
 
 
 def write_patch_cache(path: Path, records, store, encoder: VisionEncoder, cfg: Config) -> None:
@@ -1258,7 +1234,7 @@ class Captioner(nn.Module):
         try:
             return self.run_blocks(embeds, mask)
         except Exception as e:
-            if not self.fixed_shapes or is_out_of_memory(e):
+            if not self.fixed_shapes or isinstance(e, torch.OutOfMemoryError):
                 raise
             self.go_eager(e)  # a real bug fails again below, eagerly, with its own traceback
             return self.run_blocks(embeds, mask)
@@ -1861,19 +1837,13 @@ def result_path(checkpoint: Path, kind: str) -> Path:
     return output_path(checkpoint.parent, checkpoint.name.removesuffix(OUTPUT_SUFFIXES["checkpoint"]), kind)
 
 
-def run_checkpoint_name(cfg: Config) -> re.Pattern:
-    """{epoch}_{run_name}.pt, the epoch captured: the checkpoints of this configuration's run."""
-    return re.compile(rf"(\d+)_{re.escape(cfg.run_name)}{re.escape(OUTPUT_SUFFIXES['checkpoint'])}")
-
-
 def run_lock(cfg: Config):
-    """One --train at a time of a run into its folder: a second would interleave its epochs and resume state
-    (--test of its checkpoints meanwhile is fine). Taking it removes what killed writes of the run left."""
+    """One --train of a run at a time (its checkpoints and history): two would interleave their epochs."""
     folder = Path(cfg.output_dir_models)
-    owns = re.compile(f"{run_checkpoint_name(cfg).pattern}|{re.escape(history_path(folder, cfg.run_name).name)}")
+    checkpoints = output_path(folder, r"\d+_" + re.escape(cfg.run_name), "checkpoint").name  # a pattern of the names
+    owns = re.compile(f"{checkpoints}|{re.escape(history_path(folder, cfg.run_name).name)}")
     return holding_lock(output_path(folder, f".{cfg.run_name}", "lock"), owns, busy=(
-        f"is training {cfg.run_name} into OUTPUT_DIR_MODELS={folder} already: wait for it to end, stop it, or set "
-        "OUTPUT_DIR_MODELS to another folder"))
+        f"is training {cfg.run_name} into OUTPUT_DIR_MODELS={folder}: wait for it to end, or set another folder"))
 
 
 def settings_in_name(name: str) -> dict[str, str] | None:
@@ -1888,7 +1858,8 @@ def settings_in_name(name: str) -> dict[str, str] | None:
 def find_last_checkpoint(cfg: Config) -> Path:
     """The highest epoch of this configuration's variant (encoder, adapter, tuning) in OUTPUT_DIR_MODELS."""
     folder = Path(cfg.output_dir_models)
-    found = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := run_checkpoint_name(cfg).fullmatch(p.name))]
+    pattern = re.compile(rf"(\d+)_{re.escape(cfg.run_name)}\.pt")
+    found = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := pattern.fullmatch(p.name))]
     if found:
         return max(found)[1]
     others = []
@@ -2246,26 +2217,12 @@ def atomic_folder(path: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# The temp names of atomic_write and atomic_folder: .{name}.{8 random characters}.tmp, .{name}.old{pid}.tmp
-ATOMIC_TEMP = re.compile(r"\.(.+)\.(?:[a-z0-9_]{8}|old\d+)\.tmp")
-
-
-def remove_stale_temps(folder: Path, owns: re.Pattern) -> None:
-    """Remove the temp files and folders that killed atomic writes of the files named `owns` left in `folder`
-    (a checkpoint's: hundreds of MB), saying how much that frees."""
-    stale = [p for p in folder.glob(".*.tmp") if (m := ATOMIC_TEMP.fullmatch(p.name)) and owns.fullmatch(m[1])]
-    freed = sum(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-                for p in stale)
-    for p in stale:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if stale:
-        log.info(f"removed {len(stale)} temp file(s) that interrupted writes left in {folder}: {readable_size(freed)} freed")
+ATOMIC_TEMP = re.compile(r"\.(.+)\.(?:[a-z0-9_]{8}|old\d+)\.tmp")  # how atomic_write and atomic_folder name temps
 
 
 def take_lock(path: Path, wait: bool) -> int | str:
-    """An OS lock on the file `path` (flock: the kernel drops it when its holder dies, so none is ever stale),
-    whose text then names its holder. Returns the file descriptor, or, when another process holds it and not
-    `wait`, its holder's name; with `wait`, waits for it."""
+    """An OS lock on the file `path` (flock: the kernel drops it when its holder dies, so none is ever stale), the
+    file naming its holder: the file descriptor, or, if another process holds it and not `wait`, who that is."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -2278,74 +2235,57 @@ def take_lock(path: Path, wait: bool) -> int | str:
                 return holder
             log.info(f"waiting for {holder}, which holds {path}")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):  # else its last holder removed it meanwhile: again
-                command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"process {os.getpid()} on {os.uname().nodename} ({command}, since "
-                              f"{time.strftime('%H:%M:%S')})".encode(), 0)
-                return fd
+        if os.fstat(fd).st_nlink:  # else its last holder removed the file meanwhile: take the new one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {os.uname().nodename} ({' '.join(sys.argv)})".encode(), 0)
+            return fd
         os.close(fd)
 
 
 @contextlib.contextmanager
 def holding_lock(lock: Path, owns: re.Pattern, busy: str | None = None):
-    """The with-block, run while this process (rank 0 under torchrun) holds `lock` (see `take_lock`). Only its
-    holder writes the files named `owns` in lock's folder, so the temps left there by killed writes of them are
-    removed first. busy: why another holder stops this run (exit 2); None: wait for it."""
+    """The with-block, run while this process (rank 0 under torchrun) holds `lock` (another holder stops the run:
+    exit 2, `busy` saying why; or is waited for), first removing what killed writes of files named `owns` left."""
     taken = DIST.from_main(take_lock, lock, wait=busy is None)
     if isinstance(taken, str):
         raise UserError(f"{taken} {busy}", exit_code=2)
+    stale = [p for p in lock.parent.glob(".*.tmp") if (m := ATOMIC_TEMP.fullmatch(p.name)) and owns.fullmatch(m[1])]
+    if stale and DIST.is_main:
+        freed = sum(f.stat().st_size for p in stale for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        log.info(f"removed {len(stale)} temp file(s) of killed writes in {lock.parent}: {readable_size(freed)} freed")
     try:
-        if DIST.is_main:
-            remove_stale_temps(lock.parent, owns)
         yield
     finally:
         if DIST.is_main:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)
+            lock.unlink(missing_ok=True)
             os.close(taken)
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA's out-of-memory error, Python's MemoryError, or the failure of PyTorch's CPU allocator (a RuntimeError)."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator: can't allocate" in str(e)
 
 
 @contextlib.contextmanager
 def out_of_memory_advice(cfg: Config, device: torch.device, training: bool):
-    """Out of memory in the with-block (a training step, or else evaluation) stops the run with one line: the
-    batch size, the memory in use and available, what to set instead. Nothing is written, so checkpoints stay."""
+    """Out of memory in a training step (or evaluation): one line with the batch size, memory and what to set."""
     try:
         yield
-    except Exception as e:
-        if not is_out_of_memory(e):
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError (CUDA) too; on the host, the allocator's
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
             raise
-        half = cfg.batch_size // (2 * DIST.world_size) * DIST.world_size  # a global batch divides over the ranks
-        if not training:
-            where, fix = f"evaluation at EVAL_BATCH_SIZE={cfg.eval_batch_size}", f"EVAL_BATCH_SIZE={max(1, cfg.eval_batch_size // 2)}"
-        elif half:
-            where, fix = f"a training step at BATCH_SIZE={cfg.batch_size}", (
-                f"BATCH_SIZE={half} GRAD_ACCUM={2 * cfg.grad_accum} ({2 * half * cfg.grad_accum} pairs per optimizer step; "
-                f"now {cfg.batch_size * cfg.grad_accum})")
+        name, size = ("BATCH_SIZE", cfg.batch_size) if training else ("EVAL_BATCH_SIZE", cfg.eval_batch_size)
+        half = size // (2 * DIST.world_size) * DIST.world_size if training else size // 2  # BATCH_SIZE: over the ranks
+        step = f"{2 * half * cfg.grad_accum} pairs per optimizer step, " + ("as now" if 2 * half == size else "fewer")
+        fix = (f"set {name}={half}" + (f" GRAD_ACCUM={2 * cfg.grad_accum} ({step})" if training else "")) if half else \
+            "lower MAX_CAPTION_TOKENS or TOP_K"
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            peak, there = torch.cuda.max_memory_reserved(device), f"{readable_size(free)} of {readable_size(total)} free"
         else:
-            where, fix = f"a training step at BATCH_SIZE={cfg.batch_size}", "a lower MAX_CAPTION_TOKENS or TOP_K, or TUNING=lora"
-        raise UserError(f"out of memory in {where} ({memory_in_use(device)}): set {fix}; the last good checkpoint is "
-                        "kept") from None
-
-
-def memory_in_use(device: torch.device) -> str:
-    """What this process held at its peak and what there is, on `device`."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return (f"{readable_size(torch.cuda.max_memory_reserved(device))} held by PyTorch at the peak, "
-                f"{readable_size(free)} of {readable_size(total)} free on {device}")
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return (f"{readable_size(peak)} in use at the peak, of {readable_size(ram)} RAM" +
-            (f" and an address-space limit of {readable_size(limit)} (ulimit -v)" if limit != resource.RLIM_INFINITY else ""))
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            ram, limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), resource.getrlimit(resource.RLIMIT_AS)[0]
+            there = f"{readable_size(limit)} allowed (ulimit -v)" if 0 < limit < ram else f"{readable_size(ram)} of RAM"
+        raise UserError(f"out of memory while {'training' if training else 'evaluating'} at {name}={size} ({readable_size(peak)}"
+                        f" in use at the peak, {there} on {device}): {fix}; the last good checkpoint is kept") from None
 
 
 def check_free_space(folder: Path, needed: int, what: str) -> None:
