@@ -2456,7 +2456,6 @@ def describe_adapter(model: Captioner) -> str:
 
 def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> None:
     """--train: train from scratch, or with `resume` continue `checkpoint` (default: the last one)."""
-    check_global_batch(cfg)
     if DIST.launched:
         log.info(f"BATCH_SIZE={cfg.batch_size} is the global batch: {cfg.batch_size // DIST.world_size} pairs on each "
                  f"of the {DIST.world_size} processes")
@@ -2723,6 +2722,7 @@ def workflow_tools(command: str):
 def run_command(cfg: Config, args) -> int:
     """The command's exit code; the commands that run a model resolve the device themselves."""
     if args.train:
+        check_global_batch(cfg)  # before the lock, which creates OUTPUT_DIR_MODELS
         with run_lock(cfg):
             cmd_train(cfg, args.checkpoint if args.resume else None, resume=args.resume, demo=args.demo)
     elif args.test:
