@@ -280,7 +280,7 @@ def read_environment(env_file: str | None, demo: bool, environ: dict[str, str] |
     if env_file and not path.is_file():
         raise UserError(f"--env-file {env_file}: no such file", exit_code=2)
     file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
-    for problem in unknown_variables(file_values) if environ is None else []:  # a --sweep's variant: said at its start
+    for problem in unknown_variables(file_values) if environ is None else []:  # --sweep: said once, at its start
         log.warning(f"{path}: {problem}; it is ignored")
     if demo:
         file_values = {k: v for k, v in file_values.items() if v and (k.startswith("WANDB_") or k in SECRET_ENV)}
@@ -875,9 +875,9 @@ def open_cache(path: Path, read, records, feature_shape: tuple) -> dict | None:
     unreadable or does not hold the records' rows (truncated, damaged): derived data, said and computed again."""
     try:
         blob = read(path) if path.exists() else None
-        if blob and (blob["features"].shape != (len(blob["ids"]), *feature_shape)
-                     or set(blob["ids"]) | set(blob["bad"]) != {r.image_id for r in records}):
-            raise ValueError(f"{tuple(blob['features'].shape)} features, {len(records)} x {feature_shape} expected")
+        if blob is not None and (blob["features"].shape != (len(blob["ids"]), *feature_shape)
+                                 or set(blob["ids"]) | set(blob["bad"]) != {r.image_id for r in records}):
+            raise ValueError(f"rows {tuple(blob['features'].shape)} for {len(blob['ids'])} ids, not {len(records)} of {feature_shape}")
         return blob
     except Exception as e:
         why = " ".join(str(e).split()).split(". ")[0][:200]  # torch's messages run to paragraphs

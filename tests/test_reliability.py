@@ -132,7 +132,7 @@ def test_a_cache_whose_rows_do_not_match_its_records_is_rebuilt(tiny_model, capt
     torch.save({"ids": blob["ids"][1:], "features": blob["features"][1:], "bad": {}}, path)
     again, _ = mtl.cached_features(cfg, encoder, records, store)
     (line,) = [r for r in capture_log if "damaged" in r]
-    assert "(39, 24) features, 40 x (24,) expected" in line, line
+    assert "rows (39, 24) for 39 ids, not 40 of (24,)" in line, line
     assert set(again) == set(features) and all(torch.equal(again[k], features[k]) for k in features)
     assert len(torch.load(path, weights_only=True)["ids"]) == 40
 
