@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import re
 import resource
@@ -25,6 +24,7 @@ import torch
 import multimodal_transfer_learning as mtl
 import workflow_tools as tools
 from conftest import SCRIPT, WORDS, error_lines, explain, parallel, run_script, text, weights
+from test_evaluation import mtl_log  # noqa: F401 (a fixture: the records of the script's logger)
 
 
 def warning_lines(res) -> list[str]:
@@ -122,7 +122,7 @@ def test_the_temps_a_killed_cache_write_left_are_removed_and_no_others(damaged_c
     assert f"removed {len(OWN_TEMPS[kind])} temp file(s)" in line and f"{OWN_FREED[kind]} freed" in line, line
 
 
-def test_a_cache_whose_rows_do_not_match_its_records_is_rebuilt(tiny_model, capture_log):
+def test_a_cache_whose_rows_do_not_match_its_records_is_rebuilt(tiny_model, mtl_log):
     """Readable, but inconsistent: one image's row is missing (a cache written by another version, say)."""
     cfg, encoder, _ = tiny_model()
     records, store, _ = mtl.load_records(cfg)
@@ -131,26 +131,13 @@ def test_a_cache_whose_rows_do_not_match_its_records_is_rebuilt(tiny_model, capt
     blob = torch.load(path, weights_only=True)
     torch.save({"ids": blob["ids"][1:], "features": blob["features"][1:], "bad": {}}, path)
     again, _ = mtl.cached_features(cfg, encoder, records, store)
-    (line,) = [r for r in capture_log if "damaged" in r]
+    (line,) = [r.getMessage() for r in mtl_log if "damaged" in r.getMessage()]
     assert "rows (39, 24) for 39 ids, not 40 of (24,)" in line, line
     assert set(again) == set(features) and all(torch.equal(again[k], features[k]) for k in features)
     assert len(torch.load(path, weights_only=True)["ids"]) == 40
 
 
-@pytest.fixture
-def capture_log():
-    """The messages our logger emits while the test runs (INFO and up)."""
-    records, handler = [], logging.Handler(logging.INFO)
-    handler.emit = lambda record: records.append(record.getMessage())
-    level = mtl.log.level
-    mtl.log.addHandler(handler)
-    mtl.log.setLevel(logging.INFO)
-    yield records
-    mtl.log.removeHandler(handler)
-    mtl.log.setLevel(level)
-
-
-def test_a_run_waits_while_another_process_writes_the_same_cache(tiny_model, capture_log):
+def test_a_run_waits_while_another_process_writes_the_same_cache(tiny_model, mtl_log):
     """The lock of a cache being written is held elsewhere (here: by this test); the run waits for it, then reads."""
     cfg, encoder, _ = tiny_model()
     records, store, _ = mtl.load_records(cfg)
@@ -163,7 +150,7 @@ def test_a_run_waits_while_another_process_writes_the_same_cache(tiny_model, cap
     reader.start()
     time.sleep(2)
     assert reader.is_alive() and not path.exists(), "the run did not wait for the lock"
-    assert any(f"waiting for process {os.getpid()} on " in r for r in capture_log), capture_log
+    assert any(f"waiting for process {os.getpid()} on " in r.getMessage() for r in mtl_log), mtl_log
     lock.unlink()
     os.close(held)
     reader.join(timeout=120)
