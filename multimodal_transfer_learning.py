@@ -1838,7 +1838,7 @@ def result_path(checkpoint: Path, kind: str) -> Path:
 
 
 def run_lock(cfg: Config):
-    """One --train of a run at a time (its checkpoints and history): two would interleave their epochs."""
+    """One --train of a run at a time, from its first write on (checkpoints, history): two would interleave them."""
     folder = Path(cfg.output_dir_models)
     checkpoints = output_path(folder, r"\d+_" + re.escape(cfg.run_name), "checkpoint").name  # a pattern of the names
     owns = re.compile(f"{checkpoints}|{re.escape(history_path(folder, cfg.run_name).name)}")
@@ -2456,6 +2456,7 @@ def describe_adapter(model: Captioner) -> str:
 
 def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> None:
     """--train: train from scratch, or with `resume` continue `checkpoint` (default: the last one)."""
+    check_global_batch(cfg)
     if DIST.launched:
         log.info(f"BATCH_SIZE={cfg.batch_size} is the global batch: {cfg.batch_size // DIST.world_size} pairs on each "
                  f"of the {DIST.world_size} processes")
@@ -2480,7 +2481,7 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
     DIST.barrier()  # start-up takes each rank its own time; DDP's first exchange is a lockstep one
     trainer = data_parallel(model)
     fixed_val = splits["val"].ids[:min(16, cfg.val_caption_images or 16)]  # only images that get a caption
-    with wandb_run(cfg, "train", resumed[1]["wandb_run_id"] if resumed else None, demo) as run:
+    with run_lock(cfg), wandb_run(cfg, "train", resumed[1]["wandb_run_id"] if resumed else None, demo) as run:
         if demo and not resumed:
             untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
             log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
@@ -2722,9 +2723,7 @@ def workflow_tools(command: str):
 def run_command(cfg: Config, args) -> int:
     """The command's exit code; the commands that run a model resolve the device themselves."""
     if args.train:
-        check_global_batch(cfg)  # before the lock, which creates OUTPUT_DIR_MODELS
-        with run_lock(cfg):
-            cmd_train(cfg, args.checkpoint if args.resume else None, resume=args.resume, demo=args.demo)
+        cmd_train(cfg, args.checkpoint if args.resume else None, resume=args.resume, demo=args.demo)
     elif args.test:
         cmd_test(cfg, args.checkpoint, untrained=args.untrained, demo=args.demo)
     elif args.caption:
