@@ -25,7 +25,9 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import difflib
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -278,10 +280,24 @@ def read_environment(env_file: str | None, demo: bool, environ: dict[str, str] |
     if env_file and not path.is_file():
         raise UserError(f"--env-file {env_file}: no such file", exit_code=2)
     file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    for problem in unknown_variables(file_values) if environ is None else []:  # --sweep: said once, at its start
+        log.warning(f"{path}: {problem}; it is ignored")
     if demo:
         file_values = {k: v for k, v in file_values.items() if v and (k.startswith("WANDB_") or k in SECRET_ENV)}
         file_values = {**workflow_tools("--demo").DEMO_PRESET, **file_values}
     return {**file_values, **(os.environ if environ is None else environ)}
+
+
+LIBRARY_VARIABLES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "WANDB_", "TORCH", "PYTORCH_",
+                     "CUDA_", "NCCL_", "TRITON_", "OMP_", "MKL_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "PYTHON")
+
+
+def unknown_variables(keys) -> list[str]:
+    """'KEY is not a setting (did you mean SETTING?)' for each key of an env file that neither we nor a library reads."""
+    settings = [f.name.upper() for f in dataclasses.fields(Config)]
+    return [f"{key} is not a setting" + "".join(f" (did you mean {close}?)" for close in
+                                               difflib.get_close_matches(key.upper(), settings, n=1, cutoff=0.75))
+            for key in keys if key not in settings and not key.startswith(LIBRARY_VARIABLES)]
 
 
 def load_config(env: dict[str, str]) -> Config:
@@ -834,23 +850,39 @@ def _file_stamp(path: str):
 
 
 def cached_features(cfg: Config, encoder: VisionEncoder, records, store) -> tuple[dict[str, torch.Tensor], dict]:
-    """{image_id: feature} for every decodable image, computed once and then read from CACHE_DIR. Under
-    torchrun every rank encodes its share of the images, every rank gets them all, and rank 0 writes the cache."""
+    """{image_id: feature} for every decodable image, computed once and then read from CACHE_DIR. A run that
+    finds another one writing the same cache waits for it (its lock), then reads it."""
     path = feature_cache_path(cfg, encoder, records, store)
-    if encoder.patches:
-        return cached_patch_tokens(path, records, store, encoder, cfg)
-    if DIST.from_main(path.is_file):  # one answer for all ranks, even if the file appears meanwhile
-        blob = torch.load(path, weights_only=True)
-        log.info(f"image features: read {len(blob['ids'])} from cache {path}")
-    else:
-        shares = DIST.gather(encode_records(records[DIST.share(len(records))], store, encoder, cfg), patient=True)
-        feats, bad = torch.cat([f for f, _ in shares]), {i: why for _, b in shares for i, why in b.items()}
-        ok = [i for i, r in enumerate(records) if r.image_id not in bad]
-        blob = {"ids": [records[i].image_id for i in ok], "features": feats[ok].contiguous(), "bad": bad}
-        if DIST.is_main:
-            atomic_save(blob, path)
-        log.info(f"image features: encoded {len(ok)} images, cached in {path}")
+    with holding_lock(output_path(path.parent, f".{path.name}", "lock"), re.compile(re.escape(path.name))):
+        if encoder.patches:
+            return cached_patch_tokens(path, records, store, encoder, cfg)
+        blob = open_cache(path, lambda p: torch.load(p, weights_only=True), records, encoder.feature_shape)
+        if all(DIST.gather(blob is not None, patient=True)):  # one answer for all ranks
+            log.info(f"image features: read {len(blob['ids'])} from cache {path}")
+        else:
+            shares = DIST.gather(encode_records(records[DIST.share(len(records))], store, encoder, cfg), patient=True)
+            feats, bad = torch.cat([f for f, _ in shares]), {i: why for _, b in shares for i, why in b.items()}
+            ok = [i for i, r in enumerate(records) if r.image_id not in bad]
+            blob = {"ids": [records[i].image_id for i in ok], "features": feats[ok].contiguous(), "bad": bad}
+            if DIST.is_main:
+                atomic_save(blob, path)
+            log.info(f"image features: encoded {len(ok)} images, cached in {path}")
     return dict(zip(blob["ids"], blob["features"])), blob["bad"]
+
+
+def open_cache(path: Path, read, records, feature_shape: tuple) -> dict | None:
+    """A feature cache as `read(path)` gives it ({"ids", "features", "bad"}), or None if there is none; or if it is
+    unreadable or does not hold the records' rows (truncated, damaged): derived data, said and computed again."""
+    try:
+        blob = read(path) if path.exists() else None
+        if blob is not None and (blob["features"].shape != (len(blob["ids"]), *feature_shape)
+                                 or set(blob["ids"]) | set(blob["bad"]) != {r.image_id for r in records}):
+            raise ValueError(f"rows {tuple(blob['features'].shape)} for {len(blob['ids'])} ids, not {len(records)} of {feature_shape}")
+        return blob
+    except Exception as e:
+        why = " ".join(str(e).split()).split(". ")[0][:200]  # torch's messages run to paragraphs
+        log.warning(f"the feature cache {path} is damaged ({type(e).__name__}: {why}); computing it again")
+        return None
 
 
 PATCH_TABLE, PATCH_INDEX = "tokens.npy", "index.json"
@@ -860,17 +892,21 @@ def cached_patch_tokens(path: Path, records, store, encoder: VisionEncoder, cfg:
     """{image_id: (P, D) fp16 patch tokens} read memory-mapped from the cache folder `path` (written once):
     the table (Flickr30k: 2.4 GB for CLIP B/32, 9.6 GB for ViT-B/16) is never loaded whole into RAM, the
     OS pages in the rows a batch gathers. Copy-on-write, so no stray write can reach the cache file."""
-    import numpy as np
-    written = DIST.from_main(lambda: not (path / PATCH_INDEX).is_file())
+    written = DIST.from_main(lambda: open_cache(path, read_patch_cache, records, encoder.feature_shape) is None)
     if written and DIST.is_main:  # under torchrun rank 0 encodes them all while the others wait
         write_patch_cache(path, records, store, encoder, cfg)
     DIST.barrier()
-    index = json.loads((path / PATCH_INDEX).read_text())
-    table = torch.from_numpy(np.load(path / PATCH_TABLE, mmap_mode="c"))
-    rows = {i: table[n] for n, i in enumerate(index["ids"]) if i not in index["bad"]}
+    blob = read_patch_cache(path)
+    rows = {i: blob["features"][n] for n, i in enumerate(blob["ids"]) if i not in blob["bad"]}
     log.info(f"patch tokens: {'encoded' if written else 'read'} {len(rows)} images, "
              f"{'cached in' if written else 'from cache'} {path}")
-    return rows, index["bad"]
+    return rows, blob["bad"]
+
+
+def read_patch_cache(path: Path) -> dict:
+    import numpy as np
+    return {**json.loads((path / PATCH_INDEX).read_text()),
+            "features": torch.from_numpy(np.load(path / PATCH_TABLE, mmap_mode="c"))}  # (N, P, D) fp16
 
 
 def write_patch_cache(path: Path, records, store, encoder: VisionEncoder, cfg: Config) -> None:
@@ -1198,7 +1234,7 @@ class Captioner(nn.Module):
         try:
             return self.run_blocks(embeds, mask)
         except Exception as e:
-            if not self.fixed_shapes:
+            if not self.fixed_shapes or isinstance(e, torch.OutOfMemoryError):
                 raise
             self.go_eager(e)  # a real bug fails again below, eagerly, with its own traceback
             return self.run_blocks(embeds, mask)
@@ -1785,7 +1821,7 @@ CHECKPOINT_NAME = re.compile(r"(\d+)_(clip|vit)(_qformer)?_(?:top(\d+)|lora(\d+)
 # Every file a run writes into OUTPUT_DIR_MODELS: a stem, then the kind's suffix. A checkpoint's stem is
 # {epoch}_{run_name}, and the results of testing it share that stem; a run's history is {run_name}.history.jsonl.
 OUTPUT_SUFFIXES = {"checkpoint": ".pt", "history": ".history.jsonl", "results": ".csv", "test": ".test.json",
-                   "captions": ".test_captions.jsonl", "explain": ".explain"}
+                   "captions": ".test_captions.jsonl", "explain": ".explain", "lock": ".lock"}
 
 
 def output_path(folder: Path | str, stem: str, kind: str) -> Path:
@@ -1799,6 +1835,15 @@ def checkpoint_path(cfg: Config, epoch: int) -> Path:
 def result_path(checkpoint: Path, kind: str) -> Path:
     """A result of testing `checkpoint` (a .pt file, an export folder, or untrained_{run_name}), beside it."""
     return output_path(checkpoint.parent, checkpoint.name.removesuffix(OUTPUT_SUFFIXES["checkpoint"]), kind)
+
+
+def run_lock(cfg: Config):
+    """One --train of a run at a time, from its first write on (checkpoints, history): two would interleave them."""
+    folder = Path(cfg.output_dir_models)
+    checkpoints = output_path(folder, r"\d+_" + re.escape(cfg.run_name), "checkpoint").name  # a pattern of the names
+    owns = re.compile(f"{checkpoints}|{re.escape(history_path(folder, cfg.run_name).name)}")
+    return holding_lock(output_path(folder, f".{cfg.run_name}", "lock"), owns, busy=(
+        f"is training {cfg.run_name} into OUTPUT_DIR_MODELS={folder}: wait for it to end, or set another folder"))
 
 
 def settings_in_name(name: str) -> dict[str, str] | None:
@@ -2172,6 +2217,77 @@ def atomic_folder(path: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+ATOMIC_TEMP = re.compile(r"\.(.+)\.(?:[a-z0-9_]{8}|old\d+)\.tmp")  # how atomic_write and atomic_folder name temps
+
+
+def take_lock(path: Path, wait: bool) -> int | str:
+    """An OS lock on the file `path` (flock: the kernel drops it when its holder dies, so none is ever stale), the
+    file naming its holder: the file descriptor, or, if another process holds it and not `wait`, who that is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1000, 0).decode(errors="replace") or "another process"
+            if not wait:
+                os.close(fd)
+                return holder
+            log.info(f"waiting for {holder}, which holds {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:  # else its last holder removed the file meanwhile: take the new one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {os.uname().nodename} ({' '.join(sys.argv)})".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def holding_lock(lock: Path, owns: re.Pattern, busy: str | None = None):
+    """The with-block, run while this process (rank 0 under torchrun) holds `lock` (another holder stops the run:
+    exit 2, `busy` saying why; or is waited for), first removing what killed writes of files named `owns` left."""
+    taken = DIST.from_main(take_lock, lock, wait=busy is None)
+    if isinstance(taken, str):
+        raise UserError(f"{taken} {busy}", exit_code=2)
+    stale = [p for p in lock.parent.glob(".*.tmp") if (m := ATOMIC_TEMP.fullmatch(p.name)) and owns.fullmatch(m[1])]
+    if stale and DIST.is_main:
+        freed = sum(f.stat().st_size for p in stale for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        log.info(f"removed {len(stale)} temp file(s) of killed writes in {lock.parent}: {readable_size(freed)} freed")
+    try:
+        yield
+    finally:
+        if DIST.is_main:
+            lock.unlink(missing_ok=True)
+            os.close(taken)
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(cfg: Config, device: torch.device, training: bool):
+    """Out of memory in a training step (or evaluation): one line with the batch size, memory and what to set."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError (CUDA) too; on the host, the allocator's
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        name, size = ("BATCH_SIZE", cfg.batch_size) if training else ("EVAL_BATCH_SIZE", cfg.eval_batch_size)
+        half = size // (2 * DIST.world_size) * DIST.world_size if training else size // 2  # BATCH_SIZE: over the ranks
+        step = f"{2 * half * cfg.grad_accum} pairs per optimizer step, " + ("as now" if 2 * half == size else "fewer")
+        fix = (f"set {name}={half}" + (f" GRAD_ACCUM={2 * cfg.grad_accum} ({step})" if training else "")) if half else \
+            "lower MAX_CAPTION_TOKENS or TOP_K"
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            peak, there = torch.cuda.max_memory_reserved(device), f"{readable_size(free)} of {readable_size(total)} free"
+        else:
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            ram, limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), resource.getrlimit(resource.RLIMIT_AS)[0]
+            there = f"{readable_size(limit)} allowed (ulimit -v)" if 0 < limit < ram else f"{readable_size(ram)} of RAM"
+        raise UserError(f"out of memory while {'training' if training else 'evaluating'} at {name}={size} ({readable_size(peak)}"
+                        f" in use at the peak, {there} on {device}): {fix}; the last good checkpoint is kept") from None
+
+
 def check_free_space(folder: Path, needed: int, what: str) -> None:
     """Stop before writing `needed` bytes under `folder` if the disk cannot hold them."""
     free = shutil.disk_usage(folder).free
@@ -2365,15 +2481,17 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
     DIST.barrier()  # start-up takes each rank its own time; DDP's first exchange is a lockstep one
     trainer = data_parallel(model)
     fixed_val = splits["val"].ids[:min(16, cfg.val_caption_images or 16)]  # only images that get a caption
-    with wandb_run(cfg, "train", resumed[1]["wandb_run_id"] if resumed else None, demo) as run:
+    with run_lock(cfg), wandb_run(cfg, "train", resumed[1]["wandb_run_id"] if resumed else None, demo) as run:
         if demo and not resumed:
             untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
             log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
         for epoch in range(start_epoch, cfg.epochs + 1):
             started = time.perf_counter()
-            train_loss = train_epoch(trainer, opt, splits["train"], cfg, epoch, state, run)
+            with out_of_memory_advice(cfg, device, training=True):
+                train_loss = train_epoch(trainer, opt, splits["train"], cfg, epoch, state, run)
             train_seconds = time.perf_counter() - started
-            metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
+            with out_of_memory_advice(cfg, device, training=False):
+                metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
             metrics.update(train_loss=train_loss, train_seconds=train_seconds)
             samples = sample_table(run, by_id, store, fixed_val, preds)
             run.log({f"val/{k}": v for k, v in {**metrics, **samples}.items() if v is not None} | {"epoch": epoch},
@@ -2437,7 +2555,8 @@ def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -
     test = splits["test"]
     banner(cfg, m.device, m.dtype, splits, m.model)
     with wandb_run(cfg, "test", demo=demo) as run:
-        metrics, preds = evaluate(m.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
+        with out_of_memory_advice(cfg, m.device, training=False):
+            metrics, preds = evaluate(m.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
         if not DIST.is_main:
             return  # rank 0 writes and reports
         decoding = {k: v for k, v in decoding_kwargs(cfg).items() if v is not None}

@@ -364,13 +364,16 @@ def sweep_variants(files: list[str], base: Config) -> list[Variant]:
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise UserError(f"--sweep: no such env file: {', '.join(missing)}", exit_code=2)
-    variants, derived = [], []
+    variants, derived, unknown = [], [], []
     for f in map(Path, files):
         values = {k: v for k, v in dotenv_values(f).items() if v is not None}
+        unknown += [f"{f}: {problem}" for problem in mtl.unknown_variables(values)]
         folder = values.get("OUTPUT_DIR_MODELS") or str(Path(base.output_dir_models) / f.stem)
         if "OUTPUT_DIR_MODELS" not in values:
             derived.append(f.stem)
         variants.append(Variant(f, {**os.environ, **values, "OUTPUT_DIR_MODELS": folder}, Path(folder)))
+    if unknown:  # a variant file exists to set our variables: a typo would train the base configuration again
+        raise UserError(f"--sweep: {'; '.join(unknown)}; a variant file holds settings only", exit_code=2)
     twice = sorted({s for s in derived if derived.count(s) > 1})
     if twice:
         raise UserError(f"--sweep: several files named {twice[0]}.*, but each variant's outputs go to a folder "
