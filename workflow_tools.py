@@ -144,8 +144,7 @@ def card_metrics(info: dict) -> list[str]:
     c, images, test = info["config"], info["images"], info["test"]
     if test:
         metrics = test["metrics"]
-        source = (f"Test split of {c['dataset']}: {test['num_test_images']} images, captions generated for "
-                  f"{metrics.get('num_images')} "
+        source = (f"Test split: {test['num_test_images']} images, captions generated for {metrics.get('num_images')} "
                   f"of them and scored against all their references; retrieval over a pool of "
                   f"{metrics.get('retrieval_pool', 0)} images and all their captions; decoding {test['decoding']}.")
     else:
