@@ -27,7 +27,6 @@ import csv
 import dataclasses
 import datetime
 import errno
-import functools
 import hashlib
 import io
 import json
@@ -1646,26 +1645,21 @@ _METEOR = None  # this process's METEOR JVM: its paraphrase tables take seconds 
 
 
 def _tokenized(predictions: dict[str, str], references: dict[str, list[str]]) -> tuple[dict, dict]:
-    """References and predictions of the predicted images, tokenized, as pycocoevalcap's scorers take them."""
-    keys = sorted(predictions)
-    tokens = _ptb_tokens({c for k in keys for c in [predictions[k], *references[k]]})
-    return {k: [tokens[c] for c in references[k]] for k in keys}, {k: [tokens[predictions[k]]] for k in keys}
-
-
-def _ptb_tokens(texts: set[str]) -> dict[str, str]:
-    """PTB tokenization as the COCO toolkit does it: pycocoevalcap's PTBTokenizer jar, flags and punctuation list,
-    its "PTBTokenizer tokenized N tokens" line kept off the console. A text is tokenized on its own line, so its
-    tokens are kept for the process and only new texts start a JVM (the val references: once). Without Java,
-    a Python fallback."""
+    """References and predictions of the predicted images, PTB-tokenized as pycocoevalcap's PTBTokenizer does it
+    (its jar, flags and punctuation list), one text a line: a text keeps its tokens for the process and only new
+    texts start a JVM (the val references: once), whose "PTBTokenizer tokenized N tokens" line stays off the
+    console. Without Java, a Python fallback."""
     global _JAVA_WARNED
+    keys = sorted(predictions)
+    texts, tokens = {c for k in keys for c in [predictions[k], *references[k]]}, _PTB_TOKENS
     if not shutil.which("java"):
         if not _JAVA_WARNED:
             log.warning("Java not found: captions are tokenized in Python and METEOR is reported as missing "
                         "(install a JRE for the standard numbers)")
             _JAVA_WARNED = True
-        return {t: _simple_tokenize(t) for t in texts}
-    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
-    if new := sorted(texts - _PTB_TOKENS.keys()):
+        tokens = {t: _simple_tokenize(t) for t in texts}
+    elif new := sorted(texts - _PTB_TOKENS.keys()):
+        from pycocoevalcap.tokenizer import ptbtokenizer as ptb
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "lines").write_bytes("\n".join(" ".join(t.split()) for t in new).encode())  # one line each
             out = subprocess.run(["java", "-cp", str(Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR),
@@ -1673,7 +1667,7 @@ def _ptb_tokens(texts: set[str]) -> dict[str, str]:
                                  cwd=tmp, capture_output=True, check=True).stdout.decode().split("\n")
         _PTB_TOKENS.update((t, " ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
                            for t, line in zip(new, out))
-    return _PTB_TOKENS
+    return {k: [tokens[c] for c in references[k]] for k in keys}, {k: [tokens[predictions[k]]] for k in keys}
 
 
 def _simple_tokenize(caption: str) -> str:
@@ -2017,9 +2011,8 @@ def load_weights(model: Captioner, ckpt: dict) -> None:
 
 
 def start_from(model: Captioner, cfg: Config) -> None:
-    """INIT_FROM: the source's adapter, and its LM weights that this run trains too, replace their seeded (or
-    pretrained) values. What it trained and this run does not is left out: this run's checkpoints hold no such
-    weight. A source of another encoder or adapter shape is refused."""
+    """INIT_FROM: the source's adapter, and the LM weights it trained that this run trains too (the others could not
+    be in this run's checkpoints), replace their fresh values. Another encoder or adapter shape is refused."""
     if not Path(cfg.init_from).exists():
         sweep = " (@stem is for the variant files of a --sweep)" if cfg.init_from.startswith("@") else ""
         raise UserError(f"INIT_FROM={cfg.init_from}: no such checkpoint or export folder{sweep}", exit_code=2)
@@ -2551,14 +2544,16 @@ def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -
         result = {"checkpoint": None if m.untrained else str(path), "untrained": m.untrained,
                   "epoch": m.checkpoint["epoch"], "metrics": metrics, "decoding": decoding,
                   "test_dataset": cfg.test_dataset, "num_test_images": len(test.ids), "config": cfg.public()}
-        test_path = functools.partial(result_path, path, test_dataset=cfg.test_dataset)
-        written = [test_path("test"), test_path("captions")]
+        written = [result_path(path, kind, cfg.test_dataset) for kind in ("test", "captions", "gallery")]
         atomic_write(written[0], lambda fh: fh.write(json.dumps(result, indent=2).encode()))
         scores = image_scores(preds, {i: by_id[i].captions for i in preds})
         rows = [{"image_id": i, "generated": preds[i], "references": by_id[i].captions, **scores[i]} for i in preds]
         atomic_write(written[1], lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
-        if tools := workflow_tools("the test gallery", missing_ok=True):
-            written.append(tools.write_gallery(test_path("gallery"), rows, lambda i: store.open(by_id[i].ref), result))
+        try:  # the gallery is for looking at: without workflow_tools.py (or room for it) the results still stand
+            workflow_tools("the test gallery").write_gallery(written[2], rows, lambda i: store.open(by_id[i].ref), result)
+        except UserError as e:
+            log.info(f"{e}; no gallery written")
+            written.pop()
         append_results_row(cfg, path, m.checkpoint, metrics, m.untrained)
         samples = sample_table(run, by_id, store, list(preds)[:16], preds)
         run.log({f"test/{k}": v for k, v in {**metrics, **samples}.items() if v is not None})
@@ -2568,7 +2563,6 @@ def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -
           f"retrieval pool {metrics.get('retrieval_pool', 0)}):")
     print(format_table(metrics))
     log.info(f"wrote {', '.join(str(w) for w in written)}; {wandb_footer(run)}")
-
 
 
 def encode_image_files(paths: list[str], encoder: VisionEncoder, batch_size: int):
@@ -2699,21 +2693,17 @@ def stop_message(code: int, job: str, resume: str) -> str:
     return stopped
 
 
-def workflow_tools(command: str, missing_ok: bool = False):
-    """The sibling module of workflow tools, for the commands that need it (missing_ok: None without it, said in
-    one line). It imports this module by its name, so a script run (module __main__) registers itself under that
-    name first: one module, one DIST."""
+def workflow_tools(command: str):
+    """The sibling module of workflow tools, for the commands that need it. It imports this module by its
+    name, so a script run (module __main__) registers itself under that name first: one module, one DIST."""
     sys.modules.setdefault("multimodal_transfer_learning", sys.modules[__name__])
     try:
         import workflow_tools as tools
     except ModuleNotFoundError as e:
         if e.name != "workflow_tools":
             raise
-        why = (f"{command} needs workflow_tools.py beside {Path(__file__).name} (the recipe alone trains, tests, "
-               "captions and answers): copy it from the repository")
-        if missing_ok:
-            return log.info(f"{why}; skipped")
-        raise UserError(why) from None
+        raise UserError(f"{command} needs workflow_tools.py beside {Path(__file__).name} (the recipe alone trains, "
+                        "tests, captions and answers): copy it from the repository") from None
     return tools
 
 
