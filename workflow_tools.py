@@ -295,16 +295,19 @@ def save_figure(fig, path: Path) -> None:
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_histories(plt, histories: dict[str, list[dict]], folder: Path) -> list[Path]:
-    """Val loss and val CIDEr per epoch, one line per run."""
+def plot_histories(plt, histories: dict[str, list[dict]], folder: Path, starts: dict[str, int] = {}) -> list[Path]:
+    """Val loss and val CIDEr per epoch, one line per run; a stage's epochs after those of the stages before it
+    (`starts`: how many there were, see `epochs_before`)."""
     paths = []
     for name, title, value in (("val_loss", "val loss", lambda h: h.get("val_loss")),
                                ("val_cider", "val CIDEr", lambda h: (h.get("val_metrics") or {}).get("CIDEr"))):
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for label, rows in histories.items():
             ys = [number(value(h)) for h in rows]
-            ax.plot([h["epoch"] for h in rows], [math.nan if y is None else y for y in ys], marker="o", label=label)
-        ax.set(xlabel="epoch", ylabel=title, title=f"{title} per epoch")
+            ax.plot([starts.get(label, 0) + h["epoch"] for h in rows], [math.nan if y is None else y for y in ys],
+                    marker="o", label=label)
+        ax.set(xlabel="epoch (of all stages)" if any(starts.values()) else "epoch", ylabel=title,
+               title=f"{title} per epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -312,6 +315,31 @@ def plot_histories(plt, histories: dict[str, list[dict]], folder: Path) -> list[
         save_figure(fig, paths[-1])
         plt.close(fig)
     return paths
+
+
+def checkpoint_header(path: Path) -> dict:
+    """A checkpoint's config and epoch, not its weights: an export's config.json, or a .pt read memory-mapped
+    (only what is touched is read); {} where there is none."""
+    if path.is_dir():
+        return read_export_info(path) or {}
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True) if path.is_file() else {}
+
+
+def epochs_before(history: Path) -> int:
+    """How many epochs the stages before a run trained: its INIT_FROM source's epoch, and that one's source's, and
+    so on (0 for a run that started from scratch, or whose source is gone)."""
+    run = history.name.removesuffix(mtl.OUTPUT_SUFFIXES["history"])
+    epochs = [int(p.name.split("_")[0]) for p in history.parent.glob(mtl.output_path("", f"*_{run}", "checkpoint").name)
+              if p.name.split("_")[0].isdigit()]
+    header = checkpoint_header(mtl.output_path(history.parent, f"{max(epochs)}_{run}", "checkpoint")) if epochs else {}
+    total = 0
+    for _ in range(100):  # a chain of stages ends long before; sources that start from each other never would
+        init_from = header.get("config", {}).get("init_from")
+        if not init_from:
+            break
+        header = checkpoint_header(Path(init_from))
+        total += header.get("epoch", 0)
+    return total
 
 
 def plot_test_metrics(plt, rows: list[dict], folder: Path) -> Path:
@@ -348,9 +376,9 @@ def compare_runs(folders: list[Path], out: Path) -> str:
                         "train (--train) and test (--test) first")
     root = Path(os.path.commonpath([p.parent for p in results + history_files]))
     rows = read_results(results, root)
-    histories = {run_label(p.parent, root, p.name.removesuffix(mtl.OUTPUT_SUFFIXES["history"])): read_history(p)
-                 for p in history_files}
-    plots = plot_histories(plt, histories, out) if histories else []
+    labels = {p: run_label(p.parent, root, p.name.removesuffix(mtl.OUTPUT_SUFFIXES["history"])) for p in history_files}
+    histories = {labels[p]: read_history(p) for p in history_files}
+    plots = plot_histories(plt, histories, out, {labels[p]: epochs_before(p) for p in history_files}) if histories else []
     if rows:
         plots.append(plot_test_metrics(plt, rows, out))
     table = comparison_table(rows, out) if rows else "(no test results yet: run --test)"

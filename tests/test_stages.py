@@ -220,3 +220,17 @@ def test_a_bad_test_dataset_names_the_test_variables(config_from_env, tmp_path):
     with pytest.raises(mtl.UserError, match="set TEST_IMAGE_DIR") as e:
         mtl.test_source(config_from_env(test_dataset=tmp_path / "refs.json"))
     assert e.value.exit_code == 2
+
+
+def test_compare_plots_a_stage_after_the_one_it_starts_from_and_links_every_gallery(stages):
+    import workflow_tools as tools
+    models = stages["models"]
+    assert tools.epochs_before(models / "stage2" / "clip_top1.history.jsonl") == 1  # stage 1 trained one epoch
+    assert tools.epochs_before(models / "stage1" / "clip_top0.history.jsonl") == 0
+    table = tools.compare_runs([models], models / "report")
+    lines = [line for line in table.splitlines() if line.startswith("| stage")]
+    assert len(lines) == 3  # stage 1, stage 2 on its test split, stage 2 on the other images
+    for line in lines:
+        link = line.rstrip(" |").rsplit("(", 1)[1].rstrip(")")
+        assert (models / "report" / link).resolve().is_file() and link.endswith(".test_gallery.html"), line
+    assert any(".on-other-images.test_gallery.html" in line and str(stages["other"]) in line for line in lines)
