@@ -918,7 +918,7 @@ def write_gallery(path: Path, rows: list[dict], open_image, result: dict) -> Pat
     c, metrics = result["config"], result["metrics"]
     test_set = f"every image of {result['test_dataset']}" if result.get("test_dataset") else f"the test split of {c['dataset']}"
     title = f"{Path(result['checkpoint'] or path.name).name}: test captions"
-    summary = (f"{len(rows)} images of {test_set}; corpus CIDEr {metrics.get('CIDEr', 0):.3f}, BLEU-4 "
+    summary = (f"{result['checkpoint'] or 'The untrained model'} on {len(rows)} images of {test_set}; corpus CIDEr {metrics.get('CIDEr', 0):.3f}, BLEU-4 "
                f"{metrics.get('BLEU-4', 0):.3f}. Per image: CIDEr with the IDF of all these images (its mean is the "
                "corpus CIDEr) and sentence BLEU-4, by pycocoevalcap. Worst CIDEr first.")
     page = f"""<!DOCTYPE html>

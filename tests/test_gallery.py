@@ -118,7 +118,7 @@ def test_the_gallery_puts_the_worst_first_and_shows_captions_as_text(handmade):
     assert ties == sorted(ties)  # equal CIDEr: the lower BLEU-4 first
     assert "&lt;b&gt;square&lt;/b&gt;" in page and "<b>square" not in page
     assert "image unreadable: FileNotFoundError" in page and len(parse_gallery(page).images) == len(rows) - 1
-    assert "8 images of the test split of my-images" in page
+    assert "models/3_clip_top1.pt on 8 images of the test split of my-images" in page
 
 
 @JAVA
