@@ -234,3 +234,16 @@ def test_compare_plots_a_stage_after_the_one_it_starts_from_and_links_every_gall
         link = line.rstrip(" |").rsplit("(", 1)[1].rstrip(")")
         assert (models / "report" / link).resolve().is_file() and link.endswith(".test_gallery.html"), line
     assert any(".on-other-images.test_gallery.html" in line and str(stages["other"]) in line for line in lines)
+
+
+def test_the_model_card_says_where_a_stage_started_and_on_which_other_test_set_it_was_tested(stages, tmp_path):
+    import workflow_tools as tools
+    models = stages["models"]
+    path = models / "stage2" / "1_clip_top1.pt"
+    tools.export_checkpoint(path, mtl.read_checkpoint(path), tmp_path / "export")
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"starting from `{models / 'stage1' / '1_clip_top0.pt'}` (INIT_FROM) with the adapter frozen" in card
+    other = json.loads((models / "stage2" / "1_clip_top1.on-other-images.test.json").read_text())["metrics"]
+    assert (f"Out of domain (TEST_DATASET): every image of {stages['other']} (7 images): BLEU-4 "
+            f"{other['BLEU-4']:.4f}") in card
+    assert "| INIT_FROM |" in card and "| FREEZE_ADAPTER | `True` |" in card
