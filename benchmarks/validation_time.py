@@ -45,8 +45,8 @@ def caption_metrics_before(predictions: dict, references: dict) -> dict:
                 {k: [{"caption": c} for c in references[k]] for k in predictions})
     res = timed("PTB tokenizer JVM, generated captions", PTBTokenizer().tokenize,
                 {k: [{"caption": predictions[k]}] for k in predictions})
-    meteor = timed("METEOR JVM started (paraphrase tables loaded)", Meteor)
-    score = timed("METEOR scored", lambda: meteor.compute_score(gts, res)[0])
+    meteor = Meteor()  # starts the JVM, which loads its paraphrase tables before it answers the first score
+    score = timed("METEOR JVM started, tables loaded, scored", lambda: meteor.compute_score(gts, res)[0])
     meteor.meteor_p.kill()
     meteor.meteor_p.wait()
     meteor.lock = threading.Lock()
