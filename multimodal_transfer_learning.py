@@ -1805,7 +1805,8 @@ def epoch_table(history: list[dict]) -> str:
     """A run's history as the aligned table that training ends with, one row per epoch."""
     lines = ["".join(f"{h:>12}" for h in ("epoch", "train loss", "val loss", "val BLEU-4", "val CIDEr", "train s"))]
     for h in history:
-        values = (h["epoch"], h["train_loss"], h["val_loss"], *map(h["val_metrics"].get, ("BLEU-4", "CIDEr")), h["train_seconds"])
+        values = (h["epoch"], *map(h.get, ("train_loss", "val_loss")), *map(h.get("val_metrics", {}).get, ("BLEU-4", "CIDEr")),
+                  h.get("train_seconds"))  # a line of an older version may lack some
         lines.append("".join(f"{'missing':>12}" if v is None else f"{v:>12{f}}"
                              for v, f in zip(values, ("d", ".4f", ".4f", ".4f", ".4f", ".1f"))))
     return "\n".join(lines)
