@@ -157,7 +157,7 @@ class Config:
     max_images: int = _f(0, "use only the first N images (sorted by id) before splitting; 0 = all", NON_NEGATIVE, "data")
     max_bad_fraction: float = _f(0.05, "stop if more than this share of images is missing, undecodable or caption-less",
                                  Range(0, 1))
-    test_dataset: str = _f("", "--test evaluates every image of this source (kinds as DATASET) instead of DATASET's test split")
+    test_dataset: str = _f("", "--test evaluates every image of this source (as DATASET) instead of DATASET's test split")
     test_image_dir: str = _f("", "TEST_DATASET: as IMAGE_DIR; empty = IMAGE_DIR")
     test_dataset_split: str = _f("", "TEST_DATASET: as DATASET_SPLIT; empty = DATASET_SPLIT")
     test_image_column: str = _f("", "TEST_DATASET: as IMAGE_COLUMN; empty = IMAGE_COLUMN")
@@ -1805,8 +1805,9 @@ def epoch_table(history: list[dict]) -> str:
     """A run's history as the aligned table that training ends with, one row per epoch."""
     lines = ["".join(f"{h:>12}" for h in ("epoch", "train loss", "val loss", "val BLEU-4", "val CIDEr", "train s"))]
     for h in history:
-        values = (h["epoch"], *map(h.get, ("train_loss", "val_loss")), *map(h.get("val_metrics", {}).get, ("BLEU-4", "CIDEr")),
-                  h.get("train_seconds"))  # a line of an older version may lack some
+        scores = h.get("val_metrics", {})  # a line of an older version may lack some values
+        values = (h["epoch"], h.get("train_loss"), h.get("val_loss"), scores.get("BLEU-4"), scores.get("CIDEr"),
+                  h.get("train_seconds"))
         lines.append("".join(f"{'missing':>12}" if v is None else f"{v:>12{f}}"
                              for v, f in zip(values, ("d", ".4f", ".4f", ".4f", ".4f", ".1f"))))
     return "\n".join(lines)

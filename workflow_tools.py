@@ -862,7 +862,8 @@ def write_attention_pictures(t: InferenceModel, names: list[str], pixels: list[t
 # lines of inline script, so it opens from a laptop's disk, a CI artifact or an e-mail alike.
 
 GALLERY_STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222}h1{font-size:18px;margin:0 0 4px}
-p{margin:4px 0 10px;color:#555}input{font-size:14px;padding:4px 8px;width:420px}table{border-collapse:collapse;margin-top:10px}
+p{margin:4px 0 10px;color:#555}input{font-size:14px;padding:4px 8px;width:420px}
+table{border-collapse:collapse;margin-top:10px}
 th,td{border-bottom:1px solid #ddd;padding:6px 10px;text-align:left;vertical-align:top}th{background:#f4f4f4}
 td.n{text-align:right;font-variant-numeric:tabular-nums}img{width:96px;height:96px;object-fit:contain;
 image-rendering:pixelated;background:#eee}.gen{font-weight:600}ul{margin:0;padding-left:18px;color:#444}"""
@@ -916,9 +917,11 @@ def write_gallery(path: Path, rows: list[dict], open_image, result: dict) -> Pat
     body = "\n".join(gallery_row(n, r, open_image) for n, r in enumerate(progress_bar(ordered, desc="gallery",
                                                                                         unit="img"), 1))
     c, metrics = result["config"], result["metrics"]
-    test_set = f"every image of {result['test_dataset']}" if result.get("test_dataset") else f"the test split of {c['dataset']}"
+    test_set = (f"every image of {result['test_dataset']}" if result.get("test_dataset")
+                else f"the test split of {c['dataset']}")
     title = f"{Path(result['checkpoint'] or path.name).name}: test captions"
-    summary = (f"{result['checkpoint'] or 'The untrained model'} on {len(rows)} images of {test_set}; corpus CIDEr {metrics.get('CIDEr', 0):.3f}, BLEU-4 "
+    summary = (f"{result['checkpoint'] or 'The untrained model'} on {len(rows)} images of {test_set}; corpus CIDEr "
+               f"{metrics.get('CIDEr', 0):.3f}, BLEU-4 "
                f"{metrics.get('BLEU-4', 0):.3f}. Per image: CIDEr with the IDF of all these images (its mean is the "
                "corpus CIDEr) and sentence BLEU-4, by pycocoevalcap. Worst CIDEr first.")
     page = f"""<!DOCTYPE html>
