@@ -1699,6 +1699,8 @@ def image_scores(predictions: dict[str, str], references: dict[str, list[str]]) 
     BLEU-4 (its sentence BLEU), by pycocoevalcap."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
+    if not predictions:
+        return {}
     gts, res = _tokenized(predictions, references)
     cider, bleu = Cider().compute_score(gts, res)[1], Bleu(4).compute_score(gts, res, verbose=0)[1][3]
     return {k: {"CIDEr": float(c), "BLEU-4": float(b)} for k, c, b in zip(gts, cider, bleu)}
@@ -2529,7 +2531,8 @@ def build_untrained(cfg: Config) -> InferenceModel:
 
 
 def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -> None:
-    """--test: evaluate a checkpoint (or the untrained model) on the test split and write its results."""
+    """--test: evaluate a checkpoint (or the untrained model) on the test split (or every image of TEST_DATASET)
+    and write its results."""
     m = build_untrained(cfg) if untrained else load_trained(cfg, checkpoint)
     cfg, path = m.cfg, m.path
     source, data = test_source(cfg) if cfg.test_dataset else (cfg, load_records(cfg))
