@@ -21,6 +21,7 @@ Configuration comes from `.env` (or --env-file), overridden by real environment 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import csv
 import dataclasses
@@ -38,6 +39,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -114,8 +116,8 @@ POSITIVE, NON_NEGATIVE = Range(0, low_open=True), Range(0)
 
 def _f(default, help, allowed=None, defines=None, secret=False):
     """A config field. allowed: a tuple of choices, a Range or a Pattern. defines: "model" (rebuilding
-    the model needs it), "data" (the split and features depend on it) or "training" (may change on
-    --resume, with a warning)."""
+    the model, or telling it apart, needs it), "data" (the split and features depend on it) or "training" (may
+    change on --resume, with a warning)."""
     return field(default=default, repr=not secret,
                  metadata={"help": help, "allowed": allowed, "defines": defines, "secret": secret})
 
@@ -157,7 +159,16 @@ class Config:
     max_images: int = _f(0, "use only the first N images (sorted by id) before splitting; 0 = all", NON_NEGATIVE, "data")
     max_bad_fraction: float = _f(0.05, "stop if more than this share of images is missing, undecodable or caption-less",
                                  Range(0, 1))
+    test_dataset: str = _f("", "--test evaluates every image of this source (as DATASET) instead of DATASET's test split")
+    test_image_dir: str = _f("", "TEST_DATASET: as IMAGE_DIR; empty = IMAGE_DIR")
+    test_dataset_split: str = _f("", "TEST_DATASET: as DATASET_SPLIT; empty = DATASET_SPLIT")
+    test_image_column: str = _f("", "TEST_DATASET: as IMAGE_COLUMN; empty = IMAGE_COLUMN")
+    test_caption_column: str = _f("", "TEST_DATASET: as CAPTION_COLUMN; empty = CAPTION_COLUMN")
+    test_id_column: str = _f("", "TEST_DATASET: as ID_COLUMN; empty = ID_COLUMN")
     # --- training ---
+    init_from: str = _f("", "a checkpoint or export folder whose adapter (and LM weights) start this run, fresh optimizer "
+                        "and schedule; in a --sweep file @stem = that variant's last checkpoint", defines="model")
+    freeze_adapter: bool = _f(False, "1: the adapter is not trained (the LM part only)", defines="model")
     batch_size: int = _f(32, "(image, caption) pairs per step", POSITIVE, "training")
     grad_accum: int = _f(1, "micro-batches per optimizer step", POSITIVE, "training")
     epochs: int = _f(3, "passes over every (image, caption) pair of the train split", POSITIVE, "training")
@@ -337,6 +348,8 @@ def config_errors(cfg: Config, skip=()) -> list[str]:
             errors.append(f"{f.name.upper()}=*** (hidden) contains spaces or quotes; paste the token alone")
     if cfg.qlora and cfg.tuning != "lora":
         errors.append(f"QLORA=1 needs TUNING=lora (got TUNING={cfg.tuning!r}): 4-bit weights cannot be trained directly")
+    if cfg.freeze_adapter and cfg.tuning == "topk" and cfg.top_k == 0:
+        errors.append("FREEZE_ADAPTER=1 with TOP_K=0 trains nothing: unfreeze LM blocks (TOP_K > 0) or the adapter")
     for name in ("output_dir_models", "cache_dir"):
         problem = _unwritable(Path(getattr(cfg, name)))
         if problem:
@@ -656,6 +669,19 @@ def load_records(cfg: Config) -> tuple[list[Record], ImageStore, list[str]]:
     if not records:
         raise UserError(f"DATASET={cfg.dataset} holds no image with a caption")
     return records, store, no_caption
+
+
+def test_source(cfg: Config) -> tuple[Config, tuple]:
+    """TEST_DATASET as a config of its own (its TEST_* settings, an empty one as DATASET's; every image) and its
+    records, read as DATASET's are but with errors that name the TEST_* variables."""
+    own = {k: getattr(cfg, f"test_{k}") or getattr(cfg, k)
+           for k in ("image_dir", "dataset_split", "image_column", "caption_column", "id_column")}
+    source = dataclasses.replace(cfg, dataset=cfg.test_dataset, max_images=0, **own)
+    try:
+        return source, load_records(source)
+    except UserError as e:
+        named = re.sub(r"\b(DATASET(_SPLIT)?|IMAGE_DIR|(IMAGE|CAPTION|ID)_COLUMN)\b", r"TEST_\1", str(e))
+        raise UserError(named, e.exit_code) from None
 
 
 def _karpathy_rows(path: Path, cfg: Config):
@@ -1152,6 +1178,7 @@ class Captioner(nn.Module):
         hidden = lm.get_input_embeddings().embedding_dim
         self.adapter = make_adapter(cfg, feature_shape, hidden).to(device)
         choose_trainable(lm, cfg)  # after the adapter, whose initialisation is then the same for every TUNING
+        self.adapter.requires_grad_(not cfg.freeze_adapter)
         self.prompt_ids = self.tokenize_prompt(cfg.prompt)
         # PROMPTS: training draws one of these per pair, so that the model does not overfit one wording
         self.train_prompt_ids = [self.tokenize_prompt(p.strip()) for p in cfg.prompts.split(";") if p.strip()]
@@ -1179,7 +1206,8 @@ class Captioner(nn.Module):
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def trainable_names(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if p.requires_grad]
+        """What a checkpoint holds: the trained weights, and the adapter also when FREEZE_ADAPTER keeps it as it came."""
+        return [n for n, p in self.named_parameters() if p.requires_grad or n.startswith("adapter.")]
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host -> device without a hidden sync: a copy from pageable memory waits for the GPU to drain
@@ -1469,10 +1497,9 @@ def epoch_prompts(model: Captioner, n: int, seed: int, epoch: int) -> list[list[
 
 
 def make_optimizer(model: Captioner, cfg: Config) -> torch.optim.AdamW:
-    groups = [{"params": list(model.adapter.parameters()), "name": "adapter"}]
-    lm_params = [p for p in model.lm.parameters() if p.requires_grad]
-    if lm_params:
-        groups.append({"params": lm_params, "name": "lm"})
+    groups = [{"params": [p for p in part.parameters() if p.requires_grad], "name": name}
+              for name, part in (("adapter", model.adapter), ("lm", model.lm))]
+    groups = [g for g in groups if g["params"]]  # FREEZE_ADAPTER=1, or TOP_K=0: a part that trains nothing
     for g in groups:
         g["lr"] = g["base_lr"] = base_lr(cfg, g["name"])
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=model.device.type == "cuda")
@@ -1649,19 +1676,34 @@ def generate_captions(model: Captioner, features: torch.Tensor | FeatureRows, cf
 
 
 _JAVA_WARNED = False
+_PTB_TOKENS: dict[str, str] = {}  # every text Java's PTB tokenizer has seen in this process, and its tokens
+_METEOR = None  # this process's METEOR JVM: its paraphrase tables take seconds to load, so one serves every evaluation
 
 
-def _ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
-    """PTB tokenization as the COCO toolkit does it (Java); a Python fallback if Java is missing."""
+def _tokenized(predictions: dict[str, str], references: dict[str, list[str]]) -> tuple[dict, dict]:
+    """References and predictions of the predicted images, PTB-tokenized as pycocoevalcap's PTBTokenizer does it
+    (its jar, flags and punctuation list), one text a line: a text keeps its tokens for the process and only new
+    texts start a JVM (the val references: once), whose "PTBTokenizer tokenized N tokens" line stays off the
+    console. Without Java, a Python fallback."""
     global _JAVA_WARNED
-    if shutil.which("java"):
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
-    if not _JAVA_WARNED:
-        log.warning("Java not found: captions are tokenized in Python and METEOR is reported as missing "
-                    "(install a JRE for the standard numbers)")
-        _JAVA_WARNED = True
-    return {k: [_simple_tokenize(c) for c in v] for k, v in captions.items()}
+    keys = sorted(predictions)
+    texts, tokens = {c for k in keys for c in [predictions[k], *references[k]]}, _PTB_TOKENS
+    if not shutil.which("java"):
+        if not _JAVA_WARNED:
+            log.warning("Java not found: captions are tokenized in Python and METEOR is reported as missing "
+                        "(install a JRE for the standard numbers)")
+            _JAVA_WARNED = True
+        tokens = {t: _simple_tokenize(t) for t in texts}
+    elif new := sorted(texts - _PTB_TOKENS.keys()):
+        from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "lines").write_bytes("\n".join(" ".join(t.split()) for t in new).encode())  # one line each
+            out = subprocess.run(["java", "-cp", str(Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR),
+                                  "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", "lines"],
+                                 cwd=tmp, capture_output=True, check=True).stdout.decode().split("\n")
+        _PTB_TOKENS.update((t, " ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
+                           for t, line in zip(new, out))
+    return {k: [tokens[c] for c in references[k]] for k in keys}, {k: [tokens[predictions[k]]] for k in keys}
 
 
 def _simple_tokenize(caption: str) -> str:
@@ -1677,11 +1719,9 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
-    keys = sorted(predictions)
-    if not keys:
+    if not predictions:
         return {}
-    gts = _ptb_tokenize({k: references[k] for k in keys})
-    res = _ptb_tokenize({k: [predictions[k]] for k in keys})
+    gts, res = _tokenized(predictions, references)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
     out["METEOR"] = _meteor(gts, res) if shutil.which("java") else None  # missing, never a fake 0
@@ -1690,23 +1730,42 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     return out
 
 
+def image_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Each image's own CIDEr (with the IDF of all the images, as in their corpus CIDEr, which is the mean) and
+    BLEU-4 (its sentence BLEU), by pycocoevalcap."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    if not predictions:
+        return {}
+    gts, res = _tokenized(predictions, references)
+    cider, bleu = Cider().compute_score(gts, res)[1], Bleu(4).compute_score(gts, res, verbose=0)[1][3]
+    return {k: {"CIDEr": float(c), "BLEU-4": float(b)} for k, c, b in zip(gts, cider, bleu)}
+
+
 def _meteor(gts: dict, res: dict) -> float | None:
-    """METEOR 1.5 through pycocoevalcap's Java wrapper; None if its JVM dies (e.g. no room for its
-    2 GB heap), so the other metrics of a long run survive. Version 1.2 has no close(): the JVM lives
-    until __del__, which takes a lock that a failed compute_score never releases (a hang at exit).
-    So the JVM is stopped here, whatever happens."""
-    import threading
+    """METEOR 1.5 through pycocoevalcap's Java wrapper, in this process's one JVM; None if the JVM dies (e.g. no
+    room for its 2 GB heap), so the other metrics of a long run survive."""
+    global _METEOR
     from pycocoevalcap.meteor.meteor import Meteor
-    meteor = Meteor()
+    if _METEOR is None:
+        _METEOR = Meteor()
+        atexit.register(_stop_meteor, _METEOR)
     try:
-        return float(meteor.compute_score(gts, res)[0])
+        return float(_METEOR.compute_score(gts, res)[0])
     except (OSError, ValueError) as e:  # a broken pipe or an empty answer: the JVM is gone
         log.warning(f"METEOR failed, its Java process stopped ({type(e).__name__}: {e}); reported as missing")
+        _stop_meteor(_METEOR)
+        _METEOR = None
         return None
-    finally:
-        meteor.meteor_p.kill()
-        meteor.meteor_p.wait()
-        meteor.lock = threading.Lock()  # __del__ acquires it; this one cannot be left held
+
+
+def _stop_meteor(meteor) -> None:
+    """Version 1.2 has no close(): the JVM lives until __del__, which takes a lock that a failed or interrupted
+    compute_score never releases (a hang at exit). So the JVM is stopped here, after a failure and at exit."""
+    import threading
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+    meteor.lock = threading.Lock()  # __del__ acquires it; this one cannot be left held
 
 
 def _ranked_hits(scores: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -1780,7 +1839,19 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-RESULT_COLUMNS = ("checkpoint", *MODEL_KEYS, "decoding", "epochs", "untrained", *METRICS, *SIZE_KEYS)
+def epoch_table(history: list[dict]) -> str:
+    """A run's history as the aligned table that training ends with, one row per epoch."""
+    lines = ["".join(f"{h:>12}" for h in ("epoch", "train loss", "val loss", "val BLEU-4", "val CIDEr", "train s"))]
+    for h in history:
+        scores = h.get("val_metrics", {})  # a line of an older version may lack some values
+        values = (h["epoch"], h.get("train_loss"), h.get("val_loss"), scores.get("BLEU-4"), scores.get("CIDEr"),
+                  h.get("train_seconds"))
+        lines.append("".join(f"{'missing':>12}" if v is None else f"{v:>12{f}}"
+                             for v, f in zip(values, ("d", ".4f", ".4f", ".4f", ".4f", ".1f"))))
+    return "\n".join(lines)
+
+
+RESULT_COLUMNS = ("checkpoint", *MODEL_KEYS, "decoding", "epochs", "untrained", "test_dataset", *METRICS, *SIZE_KEYS)
 
 
 def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict, untrained: bool = False) -> None:
@@ -1789,7 +1860,7 @@ def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict, untra
     The zero-shot baseline's row says untrained=yes (and epochs=0; its checkpoint is untrained_{run})."""
     results = output_path(cfg.output_dir_models, "results", "results")
     row = {"checkpoint": path.name, **{k: getattr(cfg, k) for k in MODEL_KEYS}, "decoding": cfg.decoding,
-           "epochs": ckpt["epoch"], "untrained": "yes" if untrained else "no",
+           "epochs": ckpt["epoch"], "untrained": "yes" if untrained else "no", "test_dataset": cfg.test_dataset,
            **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_COLUMNS}}
     rows, columns = [], list(RESULT_COLUMNS)
     if results.is_file():
@@ -1821,7 +1892,8 @@ CHECKPOINT_NAME = re.compile(r"(\d+)_(clip|vit)(_qformer)?_(?:top(\d+)|lora(\d+)
 # Every file a run writes into OUTPUT_DIR_MODELS: a stem, then the kind's suffix. A checkpoint's stem is
 # {epoch}_{run_name}, and the results of testing it share that stem; a run's history is {run_name}.history.jsonl.
 OUTPUT_SUFFIXES = {"checkpoint": ".pt", "history": ".history.jsonl", "results": ".csv", "test": ".test.json",
-                   "captions": ".test_captions.jsonl", "explain": ".explain", "lock": ".lock"}
+                   "captions": ".test_captions.jsonl", "gallery": ".test_gallery.html", "explain": ".explain",
+                   "lock": ".lock"}
 
 
 def output_path(folder: Path | str, stem: str, kind: str) -> Path:
@@ -1832,9 +1904,11 @@ def checkpoint_path(cfg: Config, epoch: int) -> Path:
     return output_path(cfg.output_dir_models, f"{epoch}_{cfg.run_name}", "checkpoint")
 
 
-def result_path(checkpoint: Path, kind: str) -> Path:
-    """A result of testing `checkpoint` (a .pt file, an export folder, or untrained_{run_name}), beside it."""
-    return output_path(checkpoint.parent, checkpoint.name.removesuffix(OUTPUT_SUFFIXES["checkpoint"]), kind)
+def result_path(checkpoint: Path, kind: str, test_dataset: str = "") -> Path:
+    """A result of testing `checkpoint` (a .pt file, an export folder, or untrained_{run_name}), beside it; on a
+    TEST_DATASET under a stem of its own, so that the results on DATASET's test split stay."""
+    on = f".on-{Path(test_dataset).stem}" if test_dataset else ""
+    return output_path(checkpoint.parent, checkpoint.name.removesuffix(OUTPUT_SUFFIXES["checkpoint"]) + on, kind)
 
 
 def run_lock(cfg: Config):
@@ -1984,6 +2058,26 @@ def load_weights(model: Captioner, ckpt: dict) -> None:
         raise UserError(f"the checkpoint does not fit the model built from its settings: {why}; was it written by "
                         "another version, or were the models at VISION_MODEL/LM_MODEL replaced since?")
     model.load_state_dict(saved, strict=False)
+
+
+def start_from(model: Captioner, cfg: Config) -> None:
+    """INIT_FROM: the source's adapter, and the LM weights it trained that this run trains too (the others could not
+    be in this run's checkpoints), replace their fresh values. Another encoder or adapter shape is refused."""
+    if not Path(cfg.init_from).exists():
+        sweep = " (@stem is for the variant files of a --sweep)" if cfg.init_from.startswith("@") else ""
+        raise UserError(f"INIT_FROM={cfg.init_from}: no such checkpoint or export folder{sweep}", exit_code=2)
+    ckpt = read_checkpoint(Path(cfg.init_from))
+    shape = ("vision_encoder", "vision_model", "lm_model", "adapter", "num_visual_tokens", "adapter_hidden", "qformer_layers")
+    differing = config_differences(cfg, ckpt["config"], [k for k in shape if k not in cfg.unused_keys])
+    if differing:
+        raise UserError(f"INIT_FROM={cfg.init_from} has another encoder or adapter: {'; '.join(differing)}", 2)
+    kept = set(model.trainable_names())
+    carried = {k: v for k, v in ckpt["model"].items() if k in kept}
+    model.load_state_dict(carried, strict=False)
+    lm, dropped = sum(k.startswith("lm.") for k in carried), len(ckpt["model"]) - len(carried)
+    log.info(f"INIT_FROM={cfg.init_from}: loaded {len(carried)} tensors (adapter {len(carried) - lm}, LM {lm}); fresh: "
+             f"{len(kept) - len(carried)} LM tensors, the optimizer and the schedule"
+             + (f"; left out {dropped} tensors that this run does not train" if dropped else ""))
 
 
 def chosen_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
@@ -2324,7 +2418,7 @@ def go_offline_if_hub_unreachable(cfg: Config, timeout: float = 5.0) -> None:
     within `timeout`, work offline for this run (cached copies still load) instead of letting the hub
     client retry every file with back-off for ~25 s before failing."""
     from huggingface_hub import constants
-    hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset) if is_hub_id(n)]
+    hub_names = [n for n in (cfg.lm_model, cfg.vision_model_id, cfg.dataset, cfg.test_dataset) if is_hub_id(n)]
     if constants.HF_HUB_OFFLINE or not hub_names:
         return
     import httpx
@@ -2401,20 +2495,27 @@ def ignore_stop_signals() -> None:
 # Runs: --train, --test, --caption, --ask
 # =============================================================================================
 
-def prepare_data(cfg: Config, data, encoder: VisionEncoder, model: Captioner):
-    """Features (cached) and tokenized captions of the train/val/test splits."""
+def prepare_data(cfg: Config, data, encoder: VisionEncoder, model: Captioner, whole: bool = False):
+    """Features (cached) and tokenized captions of the train/val/test splits (whole: every image as "test")."""
     records, store, no_caption = data
     features, bad = cached_features(cfg, encoder, records, store)
     skipped = {**{i: "no caption" for i in no_caption}, **bad}
     check_bad_data(len(records) + len(no_caption), skipped, cfg)
     by_id = {r.image_id: r for r in records}
-    parts = split_by_image([r.image_id for r in records], cfg.seed)
+    ids = [r.image_id for r in records]
+    parts = {"test": ids} if whole else split_by_image(ids, cfg.seed)
     splits = {name: make_split(ids, features, by_id, model) for name, ids in parts.items()}
     return splits, by_id, store
 
 
+def settings_table(cfg: Config) -> str:
+    """The settings that differ from the defaults, one aligned row each (the checkpoint and W&B keep them all)."""
+    rows = "".join(f"\n  {f.name.upper():<20} {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+                   if not f.metadata["secret"] and getattr(cfg, f.name) != f.default)
+    return f"settings that differ from the defaults:{rows or ' none'}"
+
+
 def banner(cfg: Config, device, dtype, splits=None, model=None) -> None:
-    log.info("config: " + ", ".join(f"{k}={v!r}" for k, v in cfg.public().items()))
     log.info(f"device: {device}, dtype: {str(dtype).replace('torch.', '')}")
     if splits:
         log.info("data: " + ", ".join(f"{k} {len(s.ids)} images / {len(s.pairs)} captions" for k, s in splits.items()))
@@ -2467,6 +2568,8 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
         return
     data = load_records(cfg)  # a wrong dataset path fails before any model is loaded
     encoder, model = build_model(cfg, device, dtype)
+    if cfg.init_from and not resumed:
+        start_from(model, cfg)
     splits, by_id, store = prepare_data(cfg, data, encoder, model)
     if not splits["train"].pairs or not splits["val"].ids:
         raise UserError(f"too few images to split 80/10/10 ({sum(len(s.ids) for s in splits.values())} usable)")
@@ -2506,6 +2609,7 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
                      f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f} -> {path}")
             for i in fixed_val[:3]:
                 log.info(f"  {i}: {preds.get(i, '')!r}")
+    log.info("per epoch:\n" + epoch_table(read_history(history_path(cfg.output_dir_models, cfg.run_name))))
     log.info(f"done: checkpoints in {cfg.output_dir_models}; {wandb_footer(run)}")
     log.info(f"next: python multimodal_transfer_learning.py --test{' --demo' if demo else ''}")
 
@@ -2546,10 +2650,12 @@ def build_untrained(cfg: Config) -> InferenceModel:
 
 
 def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -> None:
-    """--test: evaluate a checkpoint (or the untrained model) on the test split and write its results."""
+    """--test: evaluate a checkpoint (or the untrained model) on the test split (or every image of TEST_DATASET)
+    and write its results."""
     m = build_untrained(cfg) if untrained else load_trained(cfg, checkpoint)
     cfg, path = m.cfg, m.path
-    splits, by_id, store = prepare_data(cfg, load_records(cfg), m.encoder, m.model)
+    source, data = test_source(cfg) if cfg.test_dataset else (cfg, load_records(cfg))
+    splits, by_id, store = prepare_data(source, data, m.encoder, m.model, whole=bool(cfg.test_dataset))
     if wants_compile(cfg, m.device):
         m.model.use_fast_path(training=False)
     test = splits["test"]
@@ -2562,20 +2668,26 @@ def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -
         decoding = {k: v for k, v in decoding_kwargs(cfg).items() if v is not None}
         result = {"checkpoint": None if m.untrained else str(path), "untrained": m.untrained,
                   "epoch": m.checkpoint["epoch"], "metrics": metrics, "decoding": decoding,
-                  "num_test_images": len(test.ids), "config": cfg.public()}
-        written = [result_path(path, "test"), result_path(path, "captions")]
+                  "test_dataset": cfg.test_dataset, "num_test_images": len(test.ids), "config": cfg.public()}
+        written = [result_path(path, kind, cfg.test_dataset) for kind in ("test", "captions", "gallery")]
         atomic_write(written[0], lambda fh: fh.write(json.dumps(result, indent=2).encode()))
-        lines = "".join(json.dumps({"image_id": i, "generated": preds[i], "references": by_id[i].captions}) + "\n"
-                        for i in preds)
-        atomic_write(written[1], lambda fh: fh.write(lines.encode()))
+        scores = image_scores(preds, {i: by_id[i].captions for i in preds})
+        rows = [{"image_id": i, "generated": preds[i], "references": by_id[i].captions, **scores[i]} for i in preds]
+        atomic_write(written[1], lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        try:  # the gallery is for looking at: without workflow_tools.py (or room for it) the results still stand
+            workflow_tools("the test gallery").write_gallery(written[2], rows, lambda i: store.open(by_id[i].ref), result)
+        except UserError as e:
+            log.info(f"{e}; no gallery written")
+            written.pop()
         append_results_row(cfg, path, m.checkpoint, metrics, m.untrained)
         samples = sample_table(run, by_id, store, list(preds)[:16], preds)
         run.log({f"test/{k}": v for k, v in {**metrics, **samples}.items() if v is not None})
         run.summary.update({f"test/{k}": v for k, v in metrics.items() if v is not None})
-    print(f"test results for {'the untrained model' if m.untrained else path} ({len(test.ids)} test images, "
+    print(f"test results for {'the untrained model' if m.untrained else path} ({len(test.ids)} test images"
+          f"{' of ' + cfg.test_dataset if cfg.test_dataset else ''}, "
           f"retrieval pool {metrics.get('retrieval_pool', 0)}):")
     print(format_table(metrics))
-    log.info(f"wrote {' and '.join(str(w) for w in written)}; {wandb_footer(run)}")
+    log.info(f"wrote {', '.join(str(w) for w in written)}; {wandb_footer(run)}")
 
 
 def encode_image_files(paths: list[str], encoder: VisionEncoder, batch_size: int):
@@ -2770,6 +2882,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(1)
             tools = workflow_tools("--demo")
             cfg = tools.demo_config(cfg, DIST.from_main(tools.make_demo_files, cfg))
+        if args.train or args.test:
+            log.info(settings_table(cfg))
         if args.compare is None:  # --compare reads local files only
             go_offline_if_hub_unreachable(cfg)
         code = run_command(cfg, args)

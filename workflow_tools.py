@@ -7,9 +7,12 @@ The recipe imports this module only when one of these commands runs (--sweep, --
 """
 from __future__ import annotations
 
+import base64
 import codecs
 import csv
 import dataclasses
+import html
+import io
 import itertools
 import json
 import math
@@ -52,13 +55,20 @@ def export_info(path: Path, ckpt: dict) -> dict:
     test_file = result_path(path, "test")
     test = ckpt.get("test")
     if test_file.is_file():
-        result = json.loads(test_file.read_text())
-        test = {k: result[k] for k in ("metrics", "num_test_images", "decoding")}
+        test = test_summary(test_file)
+    other_sets = sorted(path.parent.glob(result_path(path, "test", "*").name))  # TEST_DATASET results
     return {"format": EXPORT_FORMAT, "format_version": 1, "source_checkpoint": path.name,
             "epoch": ckpt["epoch"], "step": ckpt.get("step"),
             "config": {k: v for k, v in ckpt["config"].items() if k.upper() not in SECRET_ENV},
             "images": history.get(ckpt["epoch"], {}).get("images", ckpt.get("images")),
-            "val_metrics": ckpt["metrics"], "test": test}
+            "val_metrics": ckpt["metrics"], "test": test,
+            "other_tests": [test_summary(f) for f in other_sets]}
+
+
+def test_summary(test_file: Path) -> dict:
+    """What a model card tells of a {stem}.test.json: the metrics, on which images, with which decoding."""
+    result = json.loads(test_file.read_text())
+    return {k: result.get(k) for k in ("metrics", "num_test_images", "decoding", "test_dataset")}
 
 
 def export_checkpoint(path: Path, ckpt: dict, folder: Path, repo_id: str | None = None) -> None:
@@ -94,7 +104,8 @@ def model_card(info: dict, weights: dict, repo_id: str | None) -> str:
         f"# {info['source_checkpoint']}: an image captioner built on {c['lm_model']}", "",
         f"A frozen vision encoder ({c['vision_encoder']}: `{vision}`) -> a trained {c['adapter']} adapter -> "
         f"{c['num_visual_tokens']} visual tokens -> `{c['lm_model']}` with {tuning}, trained for {info['epoch']} "
-        f"epochs ({info['step']} optimizer steps) on (image, caption) pairs with `multimodal_transfer_learning.py`. "
+        f"epochs ({info['step']} optimizer steps) on (image, caption) pairs with `multimodal_transfer_learning.py`"
+        f"{stage_note(c)}. "
         f"Only the trained parts are here ({len(weights)} tensors, {sum(v.numel() for v in weights.values()):,} "
         "parameters); the encoder and the LM come from their own repositories, under their own licences.", "",
         *card_metrics(info), "",
@@ -121,6 +132,12 @@ def model_card(info: dict, weights: dict, repo_id: str | None) -> str:
         "trained weights.", ""])
 
 
+def stage_note(c: dict) -> str:
+    """Where a staged run started (INIT_FROM) and whether its adapter was frozen, as a clause of the card."""
+    start = f", starting from `{c['init_from']}` (INIT_FROM)" if c.get("init_from") else ""
+    return start + (" with the adapter frozen (FREEZE_ADAPTER=1)" if c.get("freeze_adapter") else "")
+
+
 def card_metrics(info: dict) -> list[str]:
     """The model card's metrics: the test results if the checkpoint was tested, else the validation
     metrics of its epoch (said so), with the split and pool sizes they come from."""
@@ -141,7 +158,10 @@ def card_metrics(info: dict) -> list[str]:
             *(f"| {m} | {'missing' if metrics[m] is None else f'{metrics[m]:.4f}'} |" for m in mtl.METRICS
               if "card" in mtl.METRICS[m] and m in metrics), "",
             "BLEU, METEOR, ROUGE-L and CIDEr (CIDEr-D) by pycocoevalcap; Recall/Precision@K rank every caption of the "
-            "pool by the model's likelihood given the image. `missing` = not computed (METEOR needs Java).", "", split]
+            "pool by the model's likelihood given the image. `missing` = not computed (METEOR needs Java).", "", split,
+            *(f"\nOut of domain (TEST_DATASET): every image of {t['test_dataset']} ({t['num_test_images']} images): "
+              + ", ".join(f"{m} {t['metrics'][m]:.4f}" for m in PLOTTED_TEST_METRICS if t["metrics"].get(m) is not None)
+              for t in info.get("other_tests", []))]
 
 
 def push_to_hub(folder: Path, repo_id: str, token: str, private: bool) -> str:
@@ -211,14 +231,18 @@ def run_label(folder: Path, root: Path, name: str) -> str:
 
 
 def read_results(paths: list[Path], root: Path) -> list[dict]:
-    """The results.csv rows as dicts with a 'run' label. Several rows for the same checkpoint and
-    decoding (--test run again) count once: the newest, i.e. the last in its file."""
+    """The results.csv rows as dicts with a 'run' label and the path of their gallery (None if there is none).
+    Several rows for the same checkpoint, decoding and test set (--test run again) count once: the newest, i.e.
+    the last in its file."""
     rows = {}
     for path in paths:
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
                 label = run_label(path.parent, root, Path(row.get("checkpoint") or "?").stem)
-                rows[(label, row.get("decoding"))] = {"run": label, **row}  # a newer row replaces an older one
+                test_set = row.get("test_dataset") or ""
+                gallery = mtl.result_path(path.parent / (row.get("checkpoint") or "?"), "gallery", test_set)
+                rows[(label, row.get("decoding"), test_set)] = {"run": label, **row,  # a newer row replaces an older one
+                                                                "gallery": gallery if gallery.is_file() else None}
     return list(rows.values())
 
 
@@ -231,11 +255,12 @@ def number(text) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def comparison_table(rows: list[dict]) -> str:
+def comparison_table(rows: list[dict], out: Path = Path(".")) -> str:
     """Markdown: one row per run; the settings that differ between runs, then every test metric, the
-    best value of each in bold (when at least two runs have it); a metric a run lacks is 'missing'."""
+    best value of each in bold (when at least two runs have it); a metric a run lacks is 'missing'. Where a
+    run has a test gallery, a last column links it (relative to `out`, where the table is written)."""
     metrics = list(mtl.METRICS)
-    columns = dict.fromkeys(c for r in rows for c in r if c not in ("run", "checkpoint", *metrics))
+    columns = dict.fromkeys(c for r in rows for c in r if c not in ("run", "checkpoint", "gallery", *metrics))
     settings = [c for c in columns if len({r.get(c) or "" for r in rows}) > 1]
     best = {}
     for m in metrics:
@@ -248,9 +273,12 @@ def comparison_table(rows: list[dict]) -> str:
         if v is None:
             return "missing"
         return f"**{v:.4f}**" if v == best.get(m) else f"{v:.4f}"
-    lines = ["| " + " | ".join(["run", *settings, *metrics]) + " |", "|" + "---|" * (1 + len(settings) + len(metrics))]
+    links = ["gallery"] if any(r.get("gallery") for r in rows) else []
+    lines = ["| " + " | ".join(["run", *settings, *metrics, *links]) + " |",
+             "|" + "---|" * (1 + len(settings) + len(metrics) + len(links))]
     for r in rows:
-        cells = [r["run"], *(r.get(c) or "" for c in settings), *(cell(r, m) for m in metrics)]
+        cells = [r["run"], *(r.get(c) or "" for c in settings), *(cell(r, m) for m in metrics),
+                 *([f"[page]({os.path.relpath(r['gallery'], out)})" if r.get("gallery") else ""] if links else [])]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -267,16 +295,19 @@ def save_figure(fig, path: Path) -> None:
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_histories(plt, histories: dict[str, list[dict]], folder: Path) -> list[Path]:
-    """Val loss and val CIDEr per epoch, one line per run."""
+def plot_histories(plt, histories: dict[str, list[dict]], folder: Path, starts: dict[str, int] = {}) -> list[Path]:
+    """Val loss and val CIDEr per epoch, one line per run; a stage's epochs after those of the stages before it
+    (`starts`: how many there were, see `epochs_before`)."""
     paths = []
     for name, title, value in (("val_loss", "val loss", lambda h: h.get("val_loss")),
                                ("val_cider", "val CIDEr", lambda h: (h.get("val_metrics") or {}).get("CIDEr"))):
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for label, rows in histories.items():
             ys = [number(value(h)) for h in rows]
-            ax.plot([h["epoch"] for h in rows], [math.nan if y is None else y for y in ys], marker="o", label=label)
-        ax.set(xlabel="epoch", ylabel=title, title=f"{title} per epoch")
+            ax.plot([starts.get(label, 0) + h["epoch"] for h in rows], [math.nan if y is None else y for y in ys],
+                    marker="o", label=label)
+        ax.set(xlabel="epoch (of all stages)" if any(starts.values()) else "epoch", ylabel=title,
+               title=f"{title} per epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -284,6 +315,31 @@ def plot_histories(plt, histories: dict[str, list[dict]], folder: Path) -> list[
         save_figure(fig, paths[-1])
         plt.close(fig)
     return paths
+
+
+def checkpoint_header(path: Path) -> dict:
+    """A checkpoint's config and epoch, not its weights: an export's config.json, or a .pt read memory-mapped
+    (only what is touched is read); {} where there is none."""
+    if path.is_dir():
+        return read_export_info(path) or {}
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True) if path.is_file() else {}
+
+
+def epochs_before(history: Path) -> int:
+    """How many epochs the stages before a run trained: its INIT_FROM source's epoch, and that one's source's, and
+    so on (0 for a run that started from scratch, or whose source is gone)."""
+    run = history.name.removesuffix(mtl.OUTPUT_SUFFIXES["history"])
+    epochs = [int(p.name.split("_")[0]) for p in history.parent.glob(mtl.output_path("", f"*_{run}", "checkpoint").name)
+              if p.name.split("_")[0].isdigit()]
+    header = checkpoint_header(mtl.output_path(history.parent, f"{max(epochs)}_{run}", "checkpoint")) if epochs else {}
+    total = 0
+    for _ in range(100):  # a chain of stages ends long before; sources that start from each other never would
+        init_from = header.get("config", {}).get("init_from")
+        if not init_from:
+            break
+        header = checkpoint_header(Path(init_from))
+        total += header.get("epoch", 0)
+    return total
 
 
 def plot_test_metrics(plt, rows: list[dict], folder: Path) -> Path:
@@ -320,17 +376,18 @@ def compare_runs(folders: list[Path], out: Path) -> str:
                         "train (--train) and test (--test) first")
     root = Path(os.path.commonpath([p.parent for p in results + history_files]))
     rows = read_results(results, root)
-    histories = {run_label(p.parent, root, p.name.removesuffix(mtl.OUTPUT_SUFFIXES["history"])): read_history(p)
-                 for p in history_files}
-    plots = plot_histories(plt, histories, out) if histories else []
+    labels = {p: run_label(p.parent, root, p.name.removesuffix(mtl.OUTPUT_SUFFIXES["history"])) for p in history_files}
+    histories = {labels[p]: read_history(p) for p in history_files}
+    plots = plot_histories(plt, histories, out, {labels[p]: epochs_before(p) for p in history_files}) if histories else []
     if rows:
         plots.append(plot_test_metrics(plt, rows, out))
-    table = comparison_table(rows) if rows else "(no test results yet: run --test)"
+    table = comparison_table(rows, out) if rows else "(no test results yet: run --test)"
     doc = "\n".join([
         f"# Comparison of {len(rows)} tested runs", "",
         f"Under {', '.join(str(f) for f in folders)}. Test metrics from results.csv (the newest row per checkpoint "
         "and decoding); **bold** = the best per metric (loss: lowest; the rest: highest); `missing` = not computed "
-        "(e.g. METEOR without Java). Columns between run and the metrics: the settings that differ.", "",
+        "(e.g. METEOR without Java). Columns between run and the metrics: the settings that differ; `gallery`: the "
+        "run's test captions to look at, worst first.", "",
         table, "", *(f"![{p.stem}]({p.name})" for p in plots), ""])
     atomic_write(out / "comparison.md", lambda fh: fh.write(doc.encode()))
     log.info(f"wrote {out / 'comparison.md'}" + "".join(f", {p.name}" for p in plots))
@@ -350,11 +407,12 @@ def cmd_compare(cfg: Config, folders: list[str]) -> None:
 # non-finite loss or a leaked GPU allocation in one cannot touch the next. The child shares our
 # process group: Ctrl-C in a terminal stops it as cleanly as a direct run, and the sweep with it.
 
-@dataclass
+@dataclass(eq=False)
 class Variant:
     file: Path
     env: dict[str, str]  # the child's environment: ours, then the file's values, then its OUTPUT_DIR_MODELS
     folder: Path         # its OUTPUT_DIR_MODELS
+    source: Variant | None = None  # the variant its INIT_FROM=@stem starts from (see `stage_order`)
 
 
 def sweep_variants(files: list[str], base: Config) -> list[Variant]:
@@ -379,6 +437,40 @@ def sweep_variants(files: list[str], base: Config) -> list[Variant]:
         raise UserError(f"--sweep: several files named {twice[0]}.*, but each variant's outputs go to a folder "
                         "named after its file: rename one, or set OUTPUT_DIR_MODELS in it", exit_code=2)
     return variants
+
+
+def stage_order(variants: list[Variant]) -> list[Variant]:
+    """The variants in the order given, except that a stage (INIT_FROM=@stem) runs after the variant of stem.env
+    it starts from. An unknown stem or stages that start from each other are refused before anything trains."""
+    by_stem, ordered, path = {v.file.stem: v for v in variants}, [], []
+
+    def visit(v: Variant) -> None:
+        if v in ordered:
+            return
+        if v in path:
+            cycle = " -> ".join(f"{s.file.stem}.env" for s in [*path[path.index(v):], v])
+            raise UserError(f"--sweep: the INIT_FROM=@stem stages start from each other ({cycle}): break the cycle", 2)
+        stem = v.env.get("INIT_FROM", "")[1:] if v.env.get("INIT_FROM", "").startswith("@") else None
+        if stem is not None and stem not in by_stem:
+            raise UserError(f"--sweep: {v.file} has INIT_FROM=@{stem}, but no variant file of this sweep is named "
+                            f"{stem}.env (variants: {', '.join(by_stem)})", exit_code=2)
+        path.append(v)
+        if stem is not None:
+            v.source = by_stem[stem]
+            visit(v.source)
+        path.pop()
+        ordered.append(v)
+    for v in variants:
+        visit(v)
+    return ordered
+
+
+def resolve_stage(v: Variant, env_file: str | None, demo: bool) -> None:
+    """INIT_FROM=@stem -> the last checkpoint of that variant, which has run by now (see `stage_order`)."""
+    if v.source:
+        source = mtl.find_last_checkpoint(variant_config(v.source, env_file, demo))
+        v.env["INIT_FROM"] = str(source)
+        log.info(f"{v.file.stem}: INIT_FROM=@{v.source.file.stem} -> {source}")
 
 
 def variant_config(v: Variant, env_file: str | None, demo: bool) -> Config:
@@ -406,6 +498,7 @@ def run_variant(v: Variant, env_file: str | None, demo: bool, flags: list[str]) 
     """Train (or resume) and test one variant, unless it is finished. Returns None, or why it failed.
     flags: what every child gets (--env-file, --demo, --debug)."""
     try:
+        resolve_stage(v, env_file, demo)
         cfg = variant_config(v, env_file, demo)
     except UserError as e:
         return " ".join(str(e).split())
@@ -478,11 +571,13 @@ def error_reason(stderr: str) -> str | None:
 def cmd_sweep(cfg: Config, files: list[str], env_file: str | None, demo: bool, debug: bool) -> int:
     """--sweep ENV_FILE ...: each variant trained and tested in turn, then compared; 1 if any failed."""
     import_pyplot("--sweep (its comparison)")  # say so before hours of training, not after
-    variants, failed = sweep_variants(files, cfg), {}
+    variants, failed = stage_order(sweep_variants(files, cfg)), {}
     flags = [*(["--env-file", env_file] if env_file else []), *(["--demo"] if demo else []), *(["--debug"] if debug else [])]
     for i, v in enumerate(variants, 1):
         log.info(f"sweep: variant {i} of {len(variants)}: {v.file}")
-        reason = run_variant(v, env_file, demo, flags)
+        stage_failed = v.source is not None and v.source.file in failed
+        reason = f"not run: its INIT_FROM variant {v.source.file} failed" if stage_failed else \
+            run_variant(v, env_file, demo, flags)
         if reason:
             failed[v.file] = reason
             log.warning(f"{v.file.stem} failed ({reason}); going on with the next variant")
@@ -761,3 +856,86 @@ def write_attention_pictures(t: InferenceModel, names: list[str], pixels: list[t
         picture = attention_picture(t.encoder.unprocess(px), weights, t.encoder.grid, caption)
         atomic_write(out, lambda fh: picture.save(fh, format="PNG"))
         log.info(f"{name}: where the queries look -> {out}")
+
+
+# =============================================================================================
+# The test gallery (--test writes it beside its results)
+# =============================================================================================
+# One HTML page that needs nothing else: the thumbnails are inside it as data: URIs, the filter is a few
+# lines of inline script, so it opens from a laptop's disk, a CI artifact or an e-mail alike.
+
+GALLERY_STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222}h1{font-size:18px;margin:0 0 4px}
+p{margin:4px 0 10px;color:#555}input{font-size:14px;padding:4px 8px;width:420px}
+table{border-collapse:collapse;margin-top:10px}
+th,td{border-bottom:1px solid #ddd;padding:6px 10px;text-align:left;vertical-align:top}th{background:#f4f4f4}
+td.n{text-align:right;font-variant-numeric:tabular-nums}img{width:96px;height:96px;object-fit:contain;
+image-rendering:pixelated;background:#eee}.gen{font-weight:600}ul{margin:0;padding-left:18px;color:#444}"""
+
+
+# The filter keeps the rows that hold every word typed; the page's #fragment, if any, is typed in first,
+# so that a filtered view is a link.
+GALLERY_SCRIPT = """const box = document.getElementById('filter'), count = document.getElementById('shown');
+function apply() {
+  const words = box.value.toLowerCase().split(/\\s+/).filter(Boolean);
+  let shown = 0;
+  for (const row of document.querySelectorAll('tbody tr')) {
+    row.hidden = !words.every(w => row.dataset.text.includes(w));
+    shown += !row.hidden;
+  }
+  count.textContent = shown;
+}
+box.addEventListener('input', apply);
+box.value = decodeURIComponent(location.hash.slice(1));
+apply();"""
+
+
+def thumbnail_uri(image: Image.Image, side: int = 96) -> str:
+    """The image shrunk to fit side x side pixels, as a PNG data: URI."""
+    image = image.copy()
+    image.thumbnail((side, side))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+
+
+def gallery_row(rank: int, row: dict, open_image) -> str:
+    """One test image as a table row: thumbnail, generated caption, references, its CIDEr and BLEU-4."""
+    try:
+        picture = f'<img src="{thumbnail_uri(open_image(row["image_id"]))}" alt="">'
+    except Exception as e:  # gone since it was encoded: the row stays, without its picture
+        picture = f"(image unreadable: {html.escape(type(e).__name__)})"
+    words = html.escape(" ".join([row["image_id"], row["generated"], *row["references"]]).lower(), quote=True)
+    references = "".join(f"<li>{html.escape(r)}</li>" for r in row["references"])
+    return (f'<tr data-text="{words}" data-id="{html.escape(row["image_id"], quote=True)}" '
+            f'data-cider="{row["CIDEr"]!r}" data-bleu4="{row["BLEU-4"]!r}"><td class="n">{rank}</td><td>{picture}</td>'
+            f'<td>{html.escape(row["image_id"])}</td><td class="gen">{html.escape(row["generated"]) or "(empty)"}</td>'
+            f'<td><ul>{references}</ul></td><td class="n">{row["CIDEr"]:.3f}</td><td class="n">{row["BLEU-4"]:.3f}</td></tr>')
+
+
+def write_gallery(path: Path, rows: list[dict], open_image, result: dict) -> Path:
+    """{stem}.test_gallery.html: every row of test_captions.jsonl (image id, generated caption, references, the
+    image's own CIDEr and BLEU-4) with its image, worst CIDEr first, and a text filter. `open_image(image_id)`
+    gives the image; `result` is what test.json holds. Returns `path`."""
+    ordered = sorted(rows, key=lambda r: (r["CIDEr"], r["BLEU-4"], r["image_id"]))
+    body = "\n".join(gallery_row(n, r, open_image) for n, r in enumerate(progress_bar(ordered, desc="gallery",
+                                                                                        unit="img"), 1))
+    c, metrics = result["config"], result["metrics"]
+    test_set = (f"every image of {result['test_dataset']}" if result.get("test_dataset")
+                else f"the test split of {c['dataset']}")
+    title = f"{Path(result['checkpoint'] or path.name).name}: test captions"
+    summary = (f"{result['checkpoint'] or 'The untrained model'} on {len(rows)} images of {test_set}; corpus CIDEr "
+               f"{metrics.get('CIDEr', 0):.3f}, BLEU-4 "
+               f"{metrics.get('BLEU-4', 0):.3f}. Per image: CIDEr with the IDF of all these images (its mean is the "
+               "corpus CIDEr) and sentence BLEU-4, by pycocoevalcap. Worst CIDEr first.")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{GALLERY_STYLE}</style></head>
+<body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>
+<input id="filter" type="search" placeholder="filter: words of the captions or the image id" autofocus>
+<span><span id="shown">{len(rows)}</span> of {len(rows)} shown</span>
+<table><thead><tr><th>#</th><th>image</th><th>id</th><th>generated</th><th>references</th><th>CIDEr</th>
+<th>BLEU-4</th></tr></thead><tbody>
+{body}
+</tbody></table><script>{GALLERY_SCRIPT}</script></body></html>
+"""
+    atomic_write(path, lambda fh: fh.write(page.encode()))
+    return path

@@ -53,7 +53,7 @@ def test_train_then_test_writes_checkpoints_and_results(base_env, tmp_path):
     lines = (models / "2_clip_top1.test_captions.jsonl").read_text().splitlines()
     assert len(lines) == result["metrics"]["num_images"] == result["num_test_images"]
     first = json.loads(lines[0])
-    assert set(first) == {"image_id", "generated", "references"} and first["references"]
+    assert set(first) == {"image_id", "generated", "references", "CIDEr", "BLEU-4"} and first["references"]
     assert "Recall@1" in res.stdout and "CIDEr" in res.stdout
     assert (models / "results.csv").read_text().count("\n") == 2
 
