@@ -11,6 +11,7 @@ import logging
 import random
 
 import datasets
+import numpy
 import pytest
 import torch
 
@@ -237,12 +238,11 @@ def test_qa_mix_adds_question_pairs_to_the_epoch(tiny_model, tmp_path, image_fol
     assert mtl.qa_pairs_per_epoch(train, cfg) == m and m < len(train.questions)
     epoch, prompts = mtl.epoch_pairs(model, train, cfg, epoch=1)
     assert epoch.pairs[:n] == train.pairs and prompts[:n] == [model.prompt_ids] * n and len(epoch.pairs) == n + m
-    by_prompt = {tuple(qa_text(model, q.question)): q for q in train.questions}
-    for (row, target), prompt in zip(epoch.pairs[n:], prompts[n:]):
-        question = by_prompt[tuple(prompt)]
-        assert target == model.tokenize_captions([question.answer], prefix=" ")[0]
-    drawn = [tuple(p) for p in prompts[n:]]
-    assert len(set(zip(drawn, (id(epoch.features.rows[r]) for r, _ in epoch.pairs[n:])))) == m  # no repeats yet
+    asked = {(id(f), tuple(qa_text(model, q.question))): q for q, f in zip(train.questions, train.qa_features.rows)}
+    drawn = [(id(epoch.features.rows[row]), tuple(prompt)) for (row, _), prompt in zip(epoch.pairs[n:], prompts[n:])]
+    for (_, target), key in zip(epoch.pairs[n:], drawn):  # a question about a train image, its answer the target
+        assert target == model.tokenize_captions([asked[key].answer], prefix=" ")[0]
+    assert len(set(drawn)) == m  # no repeats yet
     assert mtl.epoch_pairs(model, train, cfg, epoch=2)[1][n:] != prompts[n:]  # another draw each epoch
     steps = list(mtl.optimizer_steps(model, train, cfg, 1))
     assert sum(len(c) for s in steps for _, c, _ in s) == n + m == len(steps) * 8 - (-(n + m) % 8)
@@ -369,8 +369,8 @@ def test_train_test_and_ask_report_answers(qa_runs):
         (row,) = list(csv.DictReader(fh))
     assert (row["qa_mix"], row["qa_shots"], float(row["VQA-acc"])) == ("0.5", "1", pytest.approx(metrics["VQA-acc"]))
     assert float(row["VQA-acc/what colour"]) == pytest.approx(metrics["VQA-acc/what colour"])
-    logged = {item.key for f in (qa_runs["root"] / "qa_mix" / "wandb").rglob("run-*.wandb") for r in wandb_records(f)
-              if r.WhichOneof("record_type") == "history" for item in r.history.item}
+    logged = {item.key or "/".join(item.nested_key) for f in (qa_runs["root"] / "qa_mix" / "wandb").rglob("run-*.wandb")
+              for r in wandb_records(f) if r.WhichOneof("record_type") == "history" for item in r.history.item}
     assert {"test/VQA-acc", "test/VQA-acc/shape"} <= logged
 
     res = qa_runs["ask"]
@@ -401,7 +401,7 @@ def test_demo_questions_have_the_answers_the_picture_shows():
     for index in range(12):
         image, captions, questions = tools.demo_item("qa", index, seed=3)
         answers = {q["question_type"]: q["answers"] for q in questions}
-        pixels = torch.tensor(list(image.getdata())).view(64, 64, 3)
+        pixels = torch.from_numpy(numpy.array(image))  # (64, 64, 3)
         drawn = (pixels != 128).any(-1)  # not the gray background
         count = max(runs(drawn.any(0)), runs(drawn.any(1)))  # the shapes stand in a row or a column, apart
         assert answers["how many"] == [str(count)] and 1 <= count <= 3
