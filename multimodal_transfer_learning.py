@@ -157,20 +157,19 @@ class Config:
     max_bad_fraction: float = _f(0.05, "stop if more than this share of images is missing, undecodable or caption-less",
                                  Range(0, 1))
     # --- questions ---
-    qa_dataset: str = _f("", "question-answer source: hub dataset id (VQAv2-style) or local .jsonl/.csv, a row per "
-                         "question; empty = none", defines="training")
-    qa_split: str = _f("validation", "QA_DATASET on the hub: split to read (all of it is then split 80/10/10 by image)")
+    qa_dataset: str = _f("", "questions: hub dataset id (VQAv2-style) or local .jsonl/.csv, a row each; empty = none",
+                         defines="training")
+    qa_split: str = _f("validation", "QA_DATASET on the hub: split to read (then split 80/10/10 by image)")
     qa_image_column: str = _f("image", "QA_DATASET: image column (a local file's: paths relative to QA_IMAGE_DIR)")
     qa_question_column: str = _f("question", "QA_DATASET: question column")
-    qa_answers_column: str = _f("answers", "QA_DATASET: answers column: one string, a list, or VQAv2's {'answer': ...} list")
+    qa_answers_column: str = _f("answers", "QA_DATASET: answers column: a string, a list, or VQAv2's {'answer': ...} list")
     qa_type_column: str = _f("question_type", "QA_DATASET: question type column (optional: VQA-acc per type)")
-    qa_id_column: str = _f("image_id", "QA_DATASET on the hub: image id column (one image's questions stay in one split)")
-    qa_image_dir: str = _f("", "QA_DATASET local file: folder its image paths are relative to; empty = the file's folder")
-    qa_mix: float = _f(0.0, "share of training sequences that are QA_DATASET train pairs; 0 = captions only",
-                       Range(0, 1, high_open=True), "training")
-    qa_shots: int = _f(0, "solved examples (image, question, answer) from the QA train split before each question",
-                       NON_NEGATIVE)
-    qa_max_new_tokens: int = _f(10, "longest generated answer, in tokens (generation also stops at a newline)", POSITIVE)
+    qa_id_column: str = _f("image_id", "QA_DATASET on the hub: image id column (an image's questions share a split)")
+    qa_image_dir: str = _f("", "QA_DATASET file: the folder its image paths are relative to; empty = the file's")
+    qa_mix: float = _f(0.0, "share of training sequences from QA_DATASET; 0 = captions only", Range(0, 1, high_open=True),
+                       "training")
+    qa_shots: int = _f(0, "solved examples from the QA train split before each question (Frozen-style)", NON_NEGATIVE)
+    qa_max_new_tokens: int = _f(10, "longest answer in tokens (a newline also ends it)", POSITIVE)
     # --- training ---
     batch_size: int = _f(32, "(image, caption) pairs per step", POSITIVE, "training")
     grad_accum: int = _f(1, "micro-batches per optimizer step", POSITIVE, "training")
@@ -212,7 +211,7 @@ class Config:
     log_level: str = _f("INFO", "DEBUG shows tracebacks of expected failures", ("DEBUG", "INFO", "WARNING", "ERROR"))
     demo_images: int = _f(1500, "--demo: number of synthetic images", POSITIVE)
     demo_task: str = _f("shapes", "--demo: shapes (colour + shape), position (the caption also says where the shape is) "
-                        "or qa (1-3 shapes, and questions about colour, shape, place and count)", ("shapes", "position", "qa"))
+                        "or qa (1-3 shapes; questions on colour, shape, place, count)", ("shapes", "position", "qa"))
     # --- services ---
     wandb_project: str = _f("mlx8-w4-multimodal-transferlearning", "W&B project")
     wandb_entity: str = _f("", "W&B entity (team or user); empty = your default")
@@ -766,35 +765,32 @@ class Question:
 
 
 def load_questions(cfg: Config) -> tuple[list[Question], ImageStore, dict[str, str]] | None:
-    """QA_DATASET's usable questions, the store that opens their images and {row: why} of the rows skipped;
-    None without QA_DATASET. Cheap, so a wrong source fails before any model is loaded."""
+    """QA_DATASET's usable questions, the store of their images and {row: why} of the rows skipped; None without
+    QA_DATASET. Cheap, so that a wrong source fails before any model is loaded."""
     if not cfg.qa_dataset:
-        for key in ("qa_mix", "qa_shots"):
-            if getattr(cfg, key):
-                raise UserError(f"{key.upper()}={getattr(cfg, key)} needs QA_DATASET (a question-answer source)", 2)
+        if cfg.qa_mix or cfg.qa_shots:
+            raise UserError(f"QA_MIX={cfg.qa_mix} and QA_SHOTS={cfg.qa_shots} need QA_DATASET (a question source)", 2)
         return None
     source = Path(cfg.qa_dataset).expanduser()
     columns = {"QA_IMAGE_COLUMN": cfg.qa_image_column, "QA_QUESTION_COLUMN": cfg.qa_question_column,
                "QA_ANSWERS_COLUMN": cfg.qa_answers_column, "QA_TYPE_COLUMN": cfg.qa_type_column}
-    if source.is_file() and source.suffix in (".jsonl", ".csv"):
+    if source.suffix in (".jsonl", ".csv") or looks_local(cfg.qa_dataset):
+        if not source.is_file():
+            raise UserError(f"QA_DATASET={cfg.qa_dataset}: no such .jsonl or .csv file (check the path)")
         table = read_table(source, lists=(cfg.qa_answers_column,))
         check_columns("QA_DATASET", cfg.qa_dataset, {k for r in table for k in r}, columns, ("QA_TYPE_COLUMN",))
         values, store = {k: [r.get(c) for r in table] for k, c in columns.items()}, ImageStore()
-        folder = Path(cfg.qa_image_dir or source.parent).expanduser()
-        ids = values["QA_IMAGE_COLUMN"]  # the path as written: the same file as a caption image's is found by `file_key`
-        refs = [str(folder / i) if i else None for i in ids]
-    elif is_hub_id(cfg.qa_dataset) and source.suffix not in (".jsonl", ".csv"):
-        columns["QA_ID_COLUMN"] = cfg.qa_id_column
-        values, store = hub_columns("QA_DATASET", cfg.qa_dataset, cfg.qa_split, cfg, columns, ("QA_TYPE_COLUMN",))
-        ids, refs = values["QA_ID_COLUMN"], range(len(values["QA_ID_COLUMN"]))
+        ids = values["QA_IMAGE_COLUMN"]  # paths as written: `file_key` tells which are caption images too
+        refs = [str(Path(cfg.qa_image_dir or source.parent).expanduser() / i) if i else None for i in ids]
     else:
-        raise UserError(f"QA_DATASET={cfg.qa_dataset}: no such .jsonl or .csv file (check the path)")
+        values, store = hub_columns("QA_DATASET", cfg.qa_dataset, cfg.qa_split, cfg,
+                                    {**columns, "QA_ID_COLUMN": cfg.qa_id_column}, ("QA_TYPE_COLUMN",))
+        ids, refs = values["QA_ID_COLUMN"], range(len(values["QA_ID_COLUMN"]))
     questions, skipped = [], {}
     for n, (i, ref, text, answers, kind) in enumerate(zip(ids, refs, values["QA_QUESTION_COLUMN"],
                                                           values["QA_ANSWERS_COLUMN"], values["QA_TYPE_COLUMN"])):
         q = Question(str(i), " ".join(str(text or "").split()), answer_texts(answers), str(kind or ""), ref)
-        why = ("no image" if i in (None, "") else "empty question" if not q.question else
-               "no answer" if not q.answers else None)
+        why = "no image" if i in (None, "") else "empty question" if not q.question else "" if q.answers else "no answer"
         if why:
             skipped[f"row {n + 1}"] = why
         else:
@@ -803,13 +799,11 @@ def load_questions(cfg: Config) -> tuple[list[Question], ImageStore, dict[str, s
 
 
 def answer_texts(answers) -> list[str]:
-    """Reference answers from one string, a list of strings, or VQAv2's list of {"answer": ...} (which a hub
-    dataset may hand over as {"answer": [...], ...})."""
-    if isinstance(answers, dict):
-        answers = answers.get("answer")
-    if isinstance(answers, list):
-        answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
-    return _clean_captions(answers)
+    """Reference answers from a string, a list of strings, or VQAv2's list of {"answer": ...} (or the dict of
+    lists a hub dataset makes of it)."""
+    answers = answers.get("answer") if isinstance(answers, dict) else answers
+    return _clean_captions([a.get("answer") if isinstance(a, dict) else a for a in answers]
+                           if isinstance(answers, list) else answers)
 
 
 # =============================================================================================
@@ -1266,15 +1260,14 @@ class Captioner(nn.Module):
         return [x[: self.max_caption_tokens] + [self.tokenizer.eos_token_id] for x in ids]
 
     def layout(self, caption_ids: list[list[int]], prompt_ids=None, shots=None):
-        """The batch's sequences on the host, right-padded: token ids, attention mask and labels (B', T), and
-        where each image's visual tokens go: `places` (N, 2), the (row, first position) of each image.
+        """The batch's sequences on the host: token ids, attention mask and labels (B', T), and `places` (N, 2):
+        the (row, position) where each image's visual tokens start (the token ids there are pads).
 
-        A row is [visual][prompt][caption][EOS]. With shots (per row, a list of texts: solved examples, Frozen-
-        style) it is [visual][shot]...[visual][prompt][caption][EOS], its images in that order in `features`;
-        still causal and right-padded. Token ids at visual positions are pads, which `embed` replaces.
+        A row is [visual][prompt][caption][EOS]; with shots (per row, the texts of solved examples, Frozen-style,
+        each after its own image) [visual][shot]...[visual][prompt][caption][EOS], still causal and right-padded.
         Labels are -100 everywhere except at caption and EOS positions. Rows pad to the longest of the
-        batch; with fixed shapes, to a length bucket (after the first visual tokens), and extra rows fill the
-        batch up: fully attended (so their activations stay finite), never supervised."""
+        batch; with fixed shapes, to a length bucket, and extra rows fill the batch up: fully attended
+        (so their activations stay finite), never supervised."""
         prompts = prompt_ids or [self.prompt_ids] * len(caption_ids)
         rows = [[*s, p + c] for s, p, c in zip(shots or [[]] * len(caption_ids), prompts, caption_ids)]
         V = self.adapter.num_tokens
@@ -1393,11 +1386,11 @@ class Captioner(nn.Module):
             logits = self.lm.get_output_embeddings()(hidden)
         return F.cross_entropy(logits.float(), targets, reduction="none"), rows
 
-    def forward(self, features, caption_ids, prompt_ids=None, tokens: float = 0, shots=None) -> torch.Tensor:
+    def forward(self, features, caption_ids, prompt_ids=None, tokens: float = 0) -> torch.Tensor:
         """The training loss: the mean over all supervised tokens of the batch (as `lm(..., labels=...)`
         would give), or their sum divided by `tokens` (a share of a global batch: see `train_step`).
         A forward, so that wrappers (DistributedDataParallel) see the training call."""
-        losses = self.token_losses(features, caption_ids, prompt_ids, shots)[0]
+        losses = self.token_losses(features, caption_ids, prompt_ids)[0]
         return losses.sum() / tokens if tokens else losses.mean()
 
     def caption_log_likelihood(self, features, caption_ids) -> torch.Tensor:
@@ -1450,11 +1443,6 @@ def decoding_kwargs(cfg: Config) -> dict:
     elif cfg.decoding == "sample":
         kw.update(do_sample=True, top_k=cfg.sample_top_k or None, temperature=cfg.temperature, top_p=cfg.top_p)
     return kw
-
-
-def answer_decoding(cfg: Config, model: Captioner) -> dict:
-    """Answers: greedy and short, ending at EOS or at a newline (which ends a solved example)."""
-    return dict(max_new_tokens=cfg.qa_max_new_tokens, do_sample=False, num_beams=1, eos_token_id=model.answer_stops)
 
 
 def build_model(cfg: Config, device, dtype) -> tuple[VisionEncoder, Captioner]:
@@ -1547,19 +1535,17 @@ def add_questions(splits: dict[str, Split], questions, records_by_id: dict, cfg:
     sources hold (the same file, or the same id) keeps its caption split, so that no val/test image of either
     source reaches training; the QA source's other images are split 80/10/10 by image with SEED."""
     questions, store, skipped = questions
-    total = len(questions) + len(skipped)
-    images = sorted({q.image_id: Record(q.image_id, [], q.ref) for q in questions}.values(), key=lambda r: r.image_id)
+    total, images = len(questions) + len(skipped), {q.image_id: Record(q.image_id, [], q.ref) for q in questions}
     source = dataclasses.replace(cfg, dataset=cfg.qa_dataset, dataset_split=cfg.qa_split, image_column=cfg.qa_image_column)
-    features, bad = cached_features(source, encoder, images, store)
+    features, bad = cached_features(source, encoder, sorted(images.values(), key=lambda r: r.image_id), store)
     skipped.update({f"{q.image_id} ({q.question})": bad[q.image_id] for q in questions if q.image_id in bad})
     check_bad_data(total, skipped, cfg, "question rows")
     known = {file_key(records_by_id[i]): name for name, split in splits.items() for i in split.ids}
-    own = split_by_image([r.image_id for r in images if file_key(r) not in known], cfg.seed)
-    where = {i: name for name, ids in own.items() for i in ids} | {r.image_id: known[file_key(r)] for r in images
-                                                                      if file_key(r) in known}
+    where = {i: known.get(file_key(r)) for i, r in images.items()}
+    where |= {i: name for name, ids in split_by_image([i for i, n in where.items() if not n], cfg.seed).items() for i in ids}
     for name, split in splits.items():
-        split.questions = sorted((q for q in questions if q.image_id in features and where[q.image_id] == name),
-                                 key=lambda q: q.image_id)
+        split.questions = [q for q in sorted(questions, key=lambda q: q.image_id)
+                           if q.image_id in features and where[q.image_id] == name]
         split.qa_features = FeatureRows([features[q.image_id] for q in split.questions])
 
 
@@ -1625,22 +1611,20 @@ def qa_pairs_per_epoch(split: Split, cfg: Config) -> int:
 
 
 def epoch_pairs(model: Captioner, split: Split, cfg: Config, epoch: int) -> tuple[Split, list[list[int]] | None]:
-    """The epoch's pairs and the prompt of each (None: as `epoch_prompts`): every (image, caption) pair, then
-    with QA_MIX (image, answer) pairs under their question, drawn from the split's questions in a shuffle of
-    SEED and the epoch, all before any repeats. The loss covers the answer and EOS only, as a caption's."""
+    """The epoch's pairs and the prompt of each (None: as `epoch_prompts`): every (image, caption) pair, then with
+    QA_MIX (image, answer) pairs under their question, drawn in a shuffle of SEED and the epoch, all before repeats."""
     n, m = len(split.pairs), qa_pairs_per_epoch(split, cfg)
     prompts = epoch_prompts(model, n, cfg.seed, epoch)
     if not m:
         return split, prompts
-    order = list(range(len(split.questions)))
-    random.Random(f"qa-{cfg.seed}-{epoch}").shuffle(order)
+    order = random.Random(f"qa-{cfg.seed}-{epoch}").sample(range(len(split.questions)), len(split.questions))
     chosen = [order[j % len(order)] for j in range(m)]
-    asked = [split.questions[i] for i in chosen]
-    answers = model.tokenize_captions([q.answer for q in asked], prefix=" ")
+    answers = model.tokenize_captions([split.questions[i].answer for i in chosen], prefix=" ")
     features = FeatureRows(split.features.rows + [split.qa_features.rows[i] for i in chosen])
     pairs = split.pairs + [(len(split.features) + j, a) for j, a in enumerate(answers)]
-    questions = [model.tokenize_prompt(ask_text(q.question)) for q in asked]
-    return dataclasses.replace(split, features=features, pairs=pairs), (prompts or [model.prompt_ids] * n) + questions
+    prompts = (prompts or [model.prompt_ids] * n) + [model.tokenize_prompt(ask_text(split.questions[i].question))
+                                                     for i in chosen]
+    return dataclasses.replace(split, features=features, pairs=pairs), prompts
 
 
 def optimizer_steps(model: Captioner, split: Split, cfg: Config, epoch: int):
@@ -1817,10 +1801,11 @@ def answer_questions(model: Captioner, questions: list[Question], features, cfg:
             shots.append([model.tokenize_prompt(ask_text(solved.questions[i].question, solved.questions[i].answer))
                           for i in examples])
         return torch.stack(images), prompts, shots
-    if cfg.qa_shots and (solved is None or len(solved.questions) < cfg.qa_shots):
-        raise UserError(f"QA_SHOTS={cfg.qa_shots}: the QA train split holds {len(solved.questions) if solved else 0} "
-                        "questions to draw solved examples from; lower QA_SHOTS", exit_code=2)
-    return generate_texts(model, len(questions), inputs, cfg, answer_decoding(cfg, model), "answering")
+    if cfg.qa_shots > len(solved.questions if solved else []):
+        raise UserError(f"QA_SHOTS={cfg.qa_shots} is more than the QA train split's questions: lower it", exit_code=2)
+    # greedy and short, ending at EOS or at a newline (which ends a solved example)
+    decoding = dict(max_new_tokens=cfg.qa_max_new_tokens, do_sample=False, num_beams=1, eos_token_id=model.answer_stops)
+    return generate_texts(model, len(questions), inputs, cfg, decoding, "answering")
 
 
 _JAVA_WARNED = False
@@ -1931,8 +1916,7 @@ def retrieval_scores(model: Captioner, split: Split, pool: int, cfg: Config) -> 
 
 # VQAv2's answer normalisation, as its official evaluation script (vqaEval.py) does it.
 VQA_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
-VQA_NUMBERS = {"none": "0", **{w: str(n) for n, w in enumerate("zero one two three four five six seven eight nine "
-                                                              "ten".split())}}
+VQA_NUMBERS = dict(zip("none zero one two three four five six seven eight nine ten".split(), "0 0 1 2 3 4 5 6 7 8 9 10".split()))
 # Its contractions, written out: each form missing any one apostrophe ("dont", "couldnt've") maps to the form.
 VQA_CONTRACTED = (
     "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd he'd've "
@@ -2779,8 +2763,7 @@ def cmd_caption(cfg: Config, checkpoint: str | None, images: list[str], explain:
 
 
 def cmd_ask(cfg: Config, checkpoint: str | None, question: str, images: list[str]) -> int:
-    """--ask: answer as --test does (ASK_TEMPLATE, short, greedy); QA_SHOTS solved examples come from the
-    QA train split, split as for training."""
+    """--ask: answers as --test makes them, after QA_SHOTS solved examples of the QA train split."""
     questions = load_questions(cfg)
     m = load_trained(cfg, checkpoint)
     solved = prepare_data(m.cfg, load_records(m.cfg), m.encoder, m.model, questions)[0]["train"] if cfg.qa_shots else None

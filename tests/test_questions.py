@@ -202,7 +202,7 @@ def test_a_two_shot_sequence_with_three_images_is_built_as_by_hand_and_trains_ev
     expected = torch.full((1, embeds.shape[1]), -100)
     expected[0, -len(answer):] = torch.tensor(answer)
     reference = model.lm(inputs_embeds=embeds, labels=expected).loss
-    loss = model(features, [answer], [prompt], shots=[shots])
+    loss = model.token_losses(features, [answer], [prompt], [shots])[0].mean()
     assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
 
     loss.backward()  # every image's visual tokens reach the loss: the gradient flows back to each one's features
@@ -255,7 +255,7 @@ def test_qa_settings_without_a_question_source_are_refused(config_from_env):
     for setting in ({"qa_mix": 0.3}, {"qa_shots": 2}):
         with pytest.raises(mtl.UserError) as e:
             mtl.load_questions(config_from_env(**setting))
-        assert "needs QA_DATASET" in str(e.value) and e.value.exit_code == 2
+        assert "need QA_DATASET" in str(e.value) and e.value.exit_code == 2
 
 
 # ---------------------------------------------------------------------------------------------
