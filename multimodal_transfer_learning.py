@@ -1702,8 +1702,8 @@ class LossWatch:
 
 
 def train_epoch(model: nn.Module, opt, train: Split, cfg: Config, epoch: int, state: dict, run) -> float:
-    """One pass over every (image, caption) pair of the train split. Returns the mean loss.
-    `model`: the Captioner, or DDP around it (see `train_step`)."""
+    """One pass over every (image, caption) pair of the train split, with QA_MIX's question-answer pairs.
+    Returns the mean loss. `model`: the Captioner, or DDP around it (see `train_step`)."""
     model.train()
     captioner = unwrapped(model)
     size = len(train.pairs) + qa_pairs_per_epoch(train, cfg)

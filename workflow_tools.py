@@ -339,9 +339,9 @@ def compare_runs(folders: list[Path], out: Path) -> str:
     table = comparison_table(rows) if rows else "(no test results yet: run --test)"
     doc = "\n".join([
         f"# Comparison of {len(rows)} tested runs", "",
-        f"Under {', '.join(str(f) for f in folders)}. Test metrics from results.csv (the newest row per checkpoint "
-        "and decoding); **bold** = the best per metric (loss: lowest; the rest: highest); `missing` = not computed "
-        "(e.g. METEOR without Java). Columns between run and the metrics: the settings that differ.", "",
+        f"Under {', '.join(str(f) for f in folders)}. Test metrics from results.csv (the newest row per checkpoint, "
+        "decoding and QA_SHOTS); **bold** = the best per metric (loss: lowest; the rest: highest); `missing` = not "
+        "computed (e.g. METEOR without Java). Columns between run and the metrics: the settings that differ.", "",
         table, "", *(f"![{p.stem}]({p.name})" for p in plots), ""])
     atomic_write(out / "comparison.md", lambda fh: fh.write(doc.encode()))
     log.info(f"wrote {out / 'comparison.md'}" + "".join(f", {p.name}" for p in plots))
