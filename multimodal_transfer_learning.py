@@ -1741,11 +1741,12 @@ def train_epoch(model: nn.Module, opt, train: Split, cfg: Config, epoch: int, st
 # =============================================================================================
 
 # Every metric --test reports, in the order tables show them, and where else each is shown: "card" in
-# an export's model card, "plot" in --compare's bar chart. Only the loss is better when lower.
+# an export's model card, "plot" in --compare's bar chart, "epochs" in its per-epoch plots of validation.
+# Only the loss is better when lower. With a question source, VQA-acc/{question type} follow VQA-acc.
 METRICS = {"loss": "card", "BLEU-1": "card", "BLEU-2": "", "BLEU-3": "", "BLEU-4": "card plot",
-           "METEOR": "card plot", "ROUGE-L": "card plot", "CIDEr": "card plot", "Recall@1": "card plot",
+           "METEOR": "card plot", "ROUGE-L": "card plot", "CIDEr": "card plot epochs", "Recall@1": "card plot",
            "Recall@5": "card plot", "Precision@1": "card", "Precision@5": "card", "T2I-Recall@1": "", "T2I-Recall@5": "",
-           "VQA-acc": "card plot"}  # with a question source, also VQA-acc/{question type}
+           "VQA-acc": "card plot epochs"}
 LOWER_IS_BETTER = ("loss",)
 SIZE_KEYS = ("retrieval_pool", "num_images", "num_questions")  # how much was scored, reported beside the metrics
 

@@ -203,7 +203,7 @@ def cmd_export(cfg: Config, checkpoint: str | None, folder: Path, repo_id: str |
 
 
 PLOTTED_TEST_METRICS = [m for m, shown in mtl.METRICS.items() if "plot" in shown]
-EPOCH_METRICS = ("CIDEr", "VQA-acc")  # plotted per epoch from the histories
+EPOCH_METRICS = [m for m, shown in mtl.METRICS.items() if "epochs" in shown]
 
 
 def find_run_files(folders: list[Path]) -> tuple[list[Path], list[Path]]:
