@@ -29,6 +29,7 @@ import datetime
 import difflib
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -165,6 +166,20 @@ class Config:
     test_image_column: str = _f("", "TEST_DATASET: as IMAGE_COLUMN; empty = IMAGE_COLUMN")
     test_caption_column: str = _f("", "TEST_DATASET: as CAPTION_COLUMN; empty = CAPTION_COLUMN")
     test_id_column: str = _f("", "TEST_DATASET: as ID_COLUMN; empty = ID_COLUMN")
+    # --- questions ---
+    qa_dataset: str = _f("", "questions: hub dataset id (VQAv2-style) or local .jsonl/.csv, a row each; empty = none",
+                         defines="training")
+    qa_split: str = _f("validation", "QA_DATASET on the hub: split to read (then split 80/10/10 by image)")
+    qa_image_column: str = _f("image", "QA_DATASET: image column (a local file's: paths relative to QA_IMAGE_DIR)")
+    qa_question_column: str = _f("question", "QA_DATASET: question column")
+    qa_answers_column: str = _f("answers", "QA_DATASET: answers column: a string, a list, or VQAv2's {'answer': ...} list")
+    qa_type_column: str = _f("question_type", "QA_DATASET: question type column (optional: VQA-acc per type)")
+    qa_id_column: str = _f("image_id", "QA_DATASET on the hub: image id column (an image's questions share a split)")
+    qa_image_dir: str = _f("", "QA_DATASET file: the folder its image paths are relative to; empty = the file's")
+    qa_mix: float = _f(0.0, "share of training sequences from QA_DATASET; 0 = captions only", Range(0, 1, high_open=True),
+                       "training")
+    qa_shots: int = _f(0, "solved examples from the QA train split before each question (Frozen-style)", NON_NEGATIVE)
+    qa_max_new_tokens: int = _f(10, "longest answer in tokens (a newline also ends it)", POSITIVE)
     # --- training ---
     init_from: str = _f("", "a checkpoint or export folder whose adapter (and LM weights) start this run, fresh optimizer "
                         "and schedule; in a --sweep file @stem = that variant's last checkpoint", defines="model")
@@ -208,8 +223,8 @@ class Config:
                         POSITIVE)
     log_level: str = _f("INFO", "DEBUG shows tracebacks of expected failures", ("DEBUG", "INFO", "WARNING", "ERROR"))
     demo_images: int = _f(1500, "--demo: number of synthetic images", POSITIVE)
-    demo_task: str = _f("shapes", "--demo: shapes (colour + shape) or position (the caption also says where the shape is)",
-                        ("shapes", "position"))
+    demo_task: str = _f("shapes", "--demo: shapes (colour + shape), position (the caption also says where the shape is) "
+                        "or qa (1-3 shapes; questions on colour, shape, place, count)", ("shapes", "position", "qa"))
     # --- services ---
     wandb_project: str = _f("mlx8-w4-multimodal-transferlearning", "W&B project")
     wandb_entity: str = _f("", "W&B entity (team or user); empty = your default")
@@ -696,35 +711,52 @@ def _karpathy_rows(path: Path, cfg: Config):
 
 
 def _imagefolder_rows(folder: Path):
-    if (folder / "metadata.jsonl").is_file():
-        with open(folder / "metadata.jsonl") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    elif (folder / "metadata.csv").is_file():
-        with open(folder / "metadata.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        for row in rows:  # a CSV `captions` cell may hold a JSON list
-            if isinstance(row.get("captions"), str) and row["captions"].lstrip().startswith("["):
-                row["captions"] = json.loads(row["captions"])
-    else:
+    table = next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).is_file()), None)
+    if table is None:
         raise UserError(f"DATASET={folder}: an image folder needs metadata.jsonl or metadata.csv")
-    for row in rows:
+    for row in read_table(table, lists=("captions",)):
         if "file_name" not in row:
             raise UserError(f"DATASET={folder}: metadata rows need a file_name column (got {sorted(row)})")
         yield row["file_name"], row.get("captions", row.get("caption")), str(folder / row["file_name"])
 
 
-def _hub_rows(cfg: Config):
-    import datasets
-    ds = call_hub("DATASET", cfg.dataset, datasets.load_dataset, cfg.dataset, split=cfg.dataset_split,
-                  token=cfg.hf_token or None)
-    missing = [c for c in (cfg.image_column, cfg.caption_column, cfg.id_column) if c not in ds.column_names]
+def read_table(path: Path, lists=()) -> list[dict]:
+    """The rows of a .jsonl or .csv file; a CSV cell of a column in `lists` may hold a JSON list."""
+    with open(path, newline="") as fh:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in fh if line.strip()]
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        for k in lists:
+            if isinstance(row.get(k), str) and row[k].lstrip().startswith("["):
+                row[k] = json.loads(row[k])
+    return rows
+
+
+def check_columns(var: str, name: str, have, columns: dict[str, str], optional=()) -> None:
+    """columns: {variable: the column it names}; a missing one (not in `optional`) stops the run (exit 2)."""
+    missing = [c for k, c in columns.items() if c not in have and k not in optional]
     if missing:
-        raise UserError(f"DATASET={cfg.dataset} has no column {missing} (columns: {ds.column_names}); "
-                        "set IMAGE_COLUMN / CAPTION_COLUMN / ID_COLUMN", exit_code=2)
-    meta = ds.select_columns([cfg.id_column, cfg.caption_column])  # reading captions must not decode images
-    ids, captions = list(meta[cfg.id_column]), list(meta[cfg.caption_column])
-    rows = [(str(i), c, n) for n, (i, c) in enumerate(zip(ids, captions))]
-    return rows, ImageStore(ds.select_columns([cfg.image_column]), cfg.image_column)
+        raise UserError(f"{var}={name} has no column {missing} (columns: {sorted(have)}); set {' / '.join(columns)}",
+                        exit_code=2)
+
+
+def hub_columns(var: str, name: str, split: str, cfg: Config, columns: dict[str, str], optional=()):
+    """{variable: values} of a hub dataset's text columns (`columns` as in `check_columns`, the image column
+    first; a missing optional one gives Nones), read without decoding an image, and the store of its images."""
+    import datasets
+    ds = call_hub(var, name, datasets.load_dataset, name, split=split, token=cfg.hf_token or None)
+    check_columns(var, name, ds.column_names, columns, optional)
+    (_, image), *text = columns.items()
+    meta = ds.select_columns([c for _, c in text if c in ds.column_names])  # reading text must not decode images
+    values = {k: list(meta[c]) if c in ds.column_names else [None] * len(ds) for k, c in text}
+    return values, ImageStore(ds.select_columns([image]), image)
+
+
+def _hub_rows(cfg: Config):
+    columns = {"IMAGE_COLUMN": cfg.image_column, "CAPTION_COLUMN": cfg.caption_column, "ID_COLUMN": cfg.id_column}
+    values, store = hub_columns("DATASET", cfg.dataset, cfg.dataset_split, cfg, columns)
+    return [(str(i), c, n) for n, (i, c) in enumerate(zip(values["ID_COLUMN"], values["CAPTION_COLUMN"]))], store
 
 
 def split_by_image(image_ids, seed: int) -> dict[str, list[str]]:
@@ -736,16 +768,84 @@ def split_by_image(image_ids, seed: int) -> dict[str, list[str]]:
             "test": sorted(ids[n_train + n_val:])}
 
 
-def check_bad_data(num_total: int, skipped: dict[str, str], cfg: Config) -> None:
-    """Report skipped images; refuse to train on a dataset where too many are broken."""
+def check_bad_data(num_total: int, skipped: dict[str, str], cfg: Config, what: str = "images") -> None:
+    """Report skipped images (or question rows); refuse to train on a dataset where too many are broken."""
     if not skipped:
         return
     first = "; ".join(f"{i} ({why})" for i, why in list(skipped.items())[:5])
-    log.warning(f"skipped {len(skipped)} of {num_total} images: {first}{' ...' if len(skipped) > 5 else ''}")
+    log.warning(f"skipped {len(skipped)} of {num_total} {what}: {first}{' ...' if len(skipped) > 5 else ''}")
     share = len(skipped) / max(num_total, 1)
     if share > cfg.max_bad_fraction:
-        raise UserError(f"{share:.1%} of the images are missing, undecodable or caption-less "
+        raise UserError(f"{share:.1%} of the {what} are missing, undecodable, caption-less or answer-less "
                         f"(MAX_BAD_FRACTION={cfg.max_bad_fraction}); fix the dataset or raise MAX_BAD_FRACTION")
+
+
+# The question takes the prompt's place, in training, evaluation and --ask alike. A model trained on
+# captions only has learnt to describe whatever follows its visual tokens: it answers with a description.
+ASK_TEMPLATE = "Question: {question} Answer:"
+
+
+def ask_text(question: str, answer: str | None = None) -> str:
+    """The template around a question; with its answer (and a newline), a solved example (QA_SHOTS)."""
+    text = ASK_TEMPLATE.format(question=question)
+    return text if answer is None else f"{text} {answer}\n"
+
+
+@dataclass
+class Question:
+    """A question about an image and its reference answers (VQAv2: ten annotators'). `ref` as in Record."""
+    image_id: str
+    question: str
+    answers: list[str]
+    type: str
+    ref: str | int
+
+    @property
+    def answer(self) -> str:
+        """What training teaches and a solved example shows: the most frequent answer (VQAv2's choice)."""
+        return max(self.answers, key=self.answers.count)
+
+
+def load_questions(cfg: Config) -> tuple[list[Question], ImageStore, dict[str, str]] | None:
+    """QA_DATASET's usable questions, the store of their images and {row: why} of the rows skipped; None without
+    QA_DATASET. Cheap, so that a wrong source fails before any model is loaded."""
+    if not cfg.qa_dataset:
+        if cfg.qa_mix or cfg.qa_shots:
+            raise UserError(f"QA_MIX={cfg.qa_mix} and QA_SHOTS={cfg.qa_shots} need QA_DATASET (a question source)", 2)
+        return None
+    source = Path(cfg.qa_dataset).expanduser()
+    columns = {"QA_IMAGE_COLUMN": cfg.qa_image_column, "QA_QUESTION_COLUMN": cfg.qa_question_column,
+               "QA_ANSWERS_COLUMN": cfg.qa_answers_column, "QA_TYPE_COLUMN": cfg.qa_type_column}
+    if source.suffix in (".jsonl", ".csv") or looks_local(cfg.qa_dataset):
+        if not source.is_file():
+            raise UserError(f"QA_DATASET={cfg.qa_dataset}: no such .jsonl or .csv file (check the path)")
+        table = read_table(source, lists=(cfg.qa_answers_column,))
+        check_columns("QA_DATASET", cfg.qa_dataset, {k for r in table for k in r}, columns, ("QA_TYPE_COLUMN",))
+        values, store = {k: [r.get(c) for r in table] for k, c in columns.items()}, ImageStore()
+        ids = values["QA_IMAGE_COLUMN"]  # paths as written: `file_key` tells which are caption images too
+        refs = [str(Path(cfg.qa_image_dir or source.parent).expanduser() / i) if i else None for i in ids]
+    else:
+        values, store = hub_columns("QA_DATASET", cfg.qa_dataset, cfg.qa_split, cfg,
+                                    {**columns, "QA_ID_COLUMN": cfg.qa_id_column}, ("QA_TYPE_COLUMN",))
+        ids, refs = values["QA_ID_COLUMN"], range(len(values["QA_ID_COLUMN"]))
+    questions, skipped = [], {}
+    for n, (i, ref, text, answers, kind) in enumerate(zip(ids, refs, values["QA_QUESTION_COLUMN"],
+                                                          values["QA_ANSWERS_COLUMN"], values["QA_TYPE_COLUMN"])):
+        q = Question(str(i), " ".join(str(text or "").split()), answer_texts(answers), str(kind or ""), ref)
+        why = "no image" if i in (None, "") else "empty question" if not q.question else "" if q.answers else "no answer"
+        if why:
+            skipped[f"row {n + 1}"] = why
+        else:
+            questions.append(q)
+    return questions, store, skipped
+
+
+def answer_texts(answers) -> list[str]:
+    """Reference answers from a string, a list of strings, or VQAv2's list of {"answer": ...} (or the dict of
+    lists a hub dataset makes of it)."""
+    answers = answers.get("answer") if isinstance(answers, dict) else answers
+    return _clean_captions([a.get("answer") if isinstance(a, dict) else a for a in answers]
+                           if isinstance(answers, list) else answers)
 
 
 # =============================================================================================
@@ -1217,41 +1317,48 @@ class Captioner(nn.Module):
         return t.contiguous().pin_memory().to(self.device, non_blocking=True)  # an expanded view cannot be pinned
 
     # ---- inputs ----
-    def tokenize_captions(self, captions: list[str]) -> list[list[int]]:
-        """Caption token ids, truncated, with EOS appended (what the model must learn to emit)."""
-        ids = self.tokenizer([self.caption_prefix + c for c in captions], add_special_tokens=False)["input_ids"]
+    def tokenize_captions(self, captions: list[str], prefix: str | None = None) -> list[list[int]]:
+        """Caption (or answer) token ids, truncated, with EOS appended (what the model must learn to emit)."""
+        prefix = self.caption_prefix if prefix is None else prefix
+        ids = self.tokenizer([prefix + c for c in captions], add_special_tokens=False)["input_ids"]
         return [x[: self.max_caption_tokens] + [self.tokenizer.eos_token_id] for x in ids]
 
-    def layout(self, caption_ids: list[list[int]], prompt_ids=None):
-        """The text part of a batch on the host: token ids (B', L) of [prompt][caption][EOS] per row,
-        right-padded, and the attention mask and labels (B', V + L) of [visual][text].
+    def layout(self, caption_ids: list[list[int]], prompt_ids=None, shots=None):
+        """The batch's sequences on the host: token ids, attention mask and labels (B', T), and `places` (N, 2):
+        the (row, position) where each image's visual tokens start (the token ids there are pads).
 
+        A row is [visual][prompt][caption][EOS]; with shots (per row, the texts of solved examples, Frozen-style,
+        each after its own image) [visual][shot]...[visual][prompt][caption][EOS], still causal and right-padded.
         Labels are -100 everywhere except at caption and EOS positions. Rows pad to the longest of the
         batch; with fixed shapes, to a length bucket, and extra rows fill the batch up: fully attended
         (so their activations stay finite), never supervised."""
         prompts = prompt_ids or [self.prompt_ids] * len(caption_ids)
+        rows = [[*s, p + c] for s, p, c in zip(shots or [[]] * len(caption_ids), prompts, caption_ids)]
         V = self.adapter.num_tokens
-        L = max(len(p) + len(c) for p, c in zip(prompts, caption_ids))
-        B = len(caption_ids)
+        T, B = max(sum(V + len(text) for text in texts) for texts in rows), len(rows)
         if self.fixed_shapes:
-            L = next((b for b in self.length_buckets if b >= L), L)
+            T = V + next((b for b in self.length_buckets if b >= T - V), T - V)
             B = max(B, self.rows_per_batch[self.training])
-        ids = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.ones(B, V + L, dtype=torch.long)
-        labels = torch.full((B, V + L), -100, dtype=torch.long)
-        for b, (p, c) in enumerate(zip(prompts, caption_ids)):
-            ids[b, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[b, V + len(p) + len(c):] = 0
-            labels[b, V + len(p): V + len(p) + len(c)] = torch.tensor(c)
-        return ids, mask, labels
+        ids = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.ones(B, T, dtype=torch.long)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        places = []
+        for b, (texts, c) in enumerate(zip(rows, caption_ids)):
+            at = 0
+            for text in texts:
+                places.append((b, at))
+                ids[b, at + V: at + V + len(text)] = torch.tensor(text, dtype=torch.long)
+                at += V + len(text)
+            mask[b, at:] = 0
+            labels[b, at - len(c): at] = torch.tensor(c, dtype=torch.long)
+        return ids, mask, labels, torch.tensor(places, dtype=torch.long)
 
-    def embed(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """[visual tokens][text tokens] embeddings: (B', V + L, H); rows beyond the features get zero visual tokens."""
-        visual = self.adapter(self.to_device(features))
+    def embed(self, features: torch.Tensor, ids: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B', T, H) of laid-out sequences: the tokens', and each image's visual tokens at its place."""
+        visual = self.adapter(self.to_device(features))  # (N, V, H)
         text = self.lm.get_input_embeddings()(ids)
-        if visual.shape[0] < text.shape[0]:
-            visual = torch.cat([visual, visual.new_zeros(text.shape[0] - visual.shape[0], *visual.shape[1:])])
-        return torch.cat([visual.to(text.dtype), text], dim=1)
+        columns = places[:, 1:] + torch.arange(visual.shape[1], device=places.device)  # (N, V)
+        return text.index_put((places[:, :1].expand_as(columns), columns), visual.to(text.dtype))
 
     # ---- the decoder blocks: eager, or the compiled fast path ----
     def run_blocks_eager(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -1325,20 +1432,20 @@ class Captioner(nn.Module):
         self.train(was_training)
 
     # ---- losses ----
-    def token_losses(self, features, caption_ids, prompt_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_losses(self, features, caption_ids, prompt_ids=None, shots=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token cross-entropy at supervised positions only, and the row each belongs to.
 
         The 151,936-wide LM head runs only where a label exists, never over the whole (batch x
         sequence x vocabulary), and the loss itself is computed in fp32. Where the labels are is known
         on the host, so gathering those positions needs no device-to-host sync."""
-        ids, mask, labels = self.layout(caption_ids, prompt_ids)
+        ids, mask, labels, places = self.layout(caption_ids, prompt_ids, shots)
         targets = labels[:, 1:]
-        positions = (targets != -100).flatten().nonzero()[:, 0]  # into (B' x (V + L - 1))
+        positions = (targets != -100).flatten().nonzero()[:, 0]  # into (B' x (T - 1))
         rows = positions // targets.shape[1]
-        ids, mask, positions, targets, rows = (self.to_device(t) for t in (ids, mask, positions,
-                                                                            targets.flatten()[positions], rows))
+        ids, mask, places, positions, targets, rows = (self.to_device(t) for t in (
+            ids, mask, places, positions, targets.flatten()[positions], rows))
         with self.autocast():
-            hidden = self.run_decoder(self.embed(features, ids), mask)
+            hidden = self.run_decoder(self.embed(features, ids, places), mask)
             hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
             logits = self.lm.get_output_embeddings()(hidden)
         return F.cross_entropy(logits.float(), targets, reduction="none"), rows
@@ -1359,25 +1466,36 @@ class Captioner(nn.Module):
 
     # ---- generation ----
     @torch.no_grad()
-    def generate(self, features: torch.Tensor, decoding: dict, prompt_ids: list[int] | None = None) -> list[str]:
-        """Batched captions (or answers: another prompt) with the KV cache. Every prefix has the same
-        length, so no padding."""
-        prompt = self.prompt_ids if prompt_ids is None else prompt_ids
+    def generate(self, features: torch.Tensor, decoding: dict, prompt_ids=None, shots=None) -> list[str]:
+        """Batched captions with the KV cache, or under per-row prompts (questions, after solved examples:
+        see `layout`) answers. Rows of different lengths are left-padded, since generation goes on at the
+        end of every row (the LM numbers positions from the attention mask, so padding changes nothing)."""
+        n = len(prompt_ids) if prompt_ids else len(features)
+        ids, mask, _, places = self.layout([[]] * n, prompt_ids, shots)
+        lengths = mask[:n].sum(1)
+        T = int(lengths.max())  # fixed shapes pad for the compiled blocks, which generation does not use
+        left = ((torch.arange(T) - (T - lengths)[:, None]) % T)  # (n, T): row b's pads moved to its front
         with self.autocast():
-            ids = torch.tensor(prompt, dtype=torch.long).repeat(len(features), 1)  # (B, P)
-            prefix = self.embed(features, self.to_device(ids))
-            mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
+            prefix = self.embed(features, self.to_device(ids[:n, :T]), self.to_device(places))
+            prefix = prefix.gather(1, self.to_device(left)[..., None].expand(-1, -1, prefix.shape[-1]))
             with warnings.catch_warnings():  # "n-gram blocking sees only the new tokens": what we want
                 warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
-                out = self.lm.generate(inputs_embeds=prefix.to(self.lm.dtype), attention_mask=mask, use_cache=True,
-                                       eos_token_id=self.tokenizer.eos_token_id,
-                                       pad_token_id=self.tokenizer.pad_token_id, **decoding)
+                out = self.lm.generate(inputs_embeds=prefix.to(self.lm.dtype), use_cache=True,
+                                       attention_mask=self.to_device(mask[:n, :T].gather(1, left)),
+                                       pad_token_id=self.tokenizer.pad_token_id,
+                                       **{"eos_token_id": self.tokenizer.eos_token_id, **decoding})
+        stops = decoding.get("eos_token_id", [self.tokenizer.eos_token_id])
         texts = []
         for row in out.tolist():  # with inputs_embeds only, generate returns just the new tokens
-            if self.tokenizer.eos_token_id in row:
-                row = row[: row.index(self.tokenizer.eos_token_id)]
+            row = row[: next((k for k, t in enumerate(row) if t in stops), len(row))]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
+
+    @functools.cached_property
+    def answer_stops(self) -> list[int]:
+        """EOS and every token with a newline in it (Qwen has ".\n", "\n\n", ...): where an answer ends."""
+        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        return [self.tokenizer.eos_token_id] + [i for i, t in enumerate(texts) if "\n" in t]
 
 
 def decoding_kwargs(cfg: Config) -> dict:
@@ -1457,11 +1575,14 @@ class FeatureRows:
 
 @dataclass
 class Split:
-    """The pairs of one split: image features, their ids and every tokenized caption."""
+    """The pairs of one split: image features, their ids and every tokenized caption; and QA_DATASET's
+    questions about its images (sorted by image), with their images' features."""
     ids: list[str]
     features: FeatureRows           # (N, *feature_shape)
     references: list[list[str]]     # raw captions per image
     pairs: list[tuple[int, list[int]]]  # (image row, caption token ids)
+    questions: list[Question] = field(default_factory=list)
+    qa_features: FeatureRows = field(default_factory=lambda: FeatureRows([]))  # a row per question
 
 
 def make_split(ids, features: dict, records_by_id: dict, model: Captioner) -> Split:
@@ -1471,6 +1592,30 @@ def make_split(ids, features: dict, records_by_id: dict, model: Captioner) -> Sp
     tokens = model.tokenize_captions(flat) if flat else []
     rows = [n for n, r in enumerate(refs) for _ in r]
     return Split(ids, FeatureRows([features[i] for i in ids]), refs, list(zip(rows, tokens)))
+
+
+def add_questions(splits: dict[str, Split], questions, records_by_id: dict, cfg: Config, encoder) -> None:
+    """Give each split its questions and their images' features (cached as the captions' are). An image both
+    sources hold (the same file, or the same id) keeps its caption split, so that no val/test image of either
+    source reaches training; the QA source's other images are split 80/10/10 by image with SEED."""
+    questions, store, skipped = questions
+    total, images = len(questions) + len(skipped), {q.image_id: Record(q.image_id, [], q.ref) for q in questions}
+    source = dataclasses.replace(cfg, dataset=cfg.qa_dataset, dataset_split=cfg.qa_split, image_column=cfg.qa_image_column)
+    features, bad = cached_features(source, encoder, sorted(images.values(), key=lambda r: r.image_id), store)
+    skipped.update({f"{q.image_id} ({q.question})": bad[q.image_id] for q in questions if q.image_id in bad})
+    check_bad_data(total, skipped, cfg, "question rows")
+    known = {file_key(records_by_id[i]): name for name, split in splits.items() for i in split.ids}
+    where = {i: known.get(file_key(r)) for i, r in images.items()}
+    where |= {i: name for name, ids in split_by_image([i for i, n in where.items() if not n], cfg.seed).items() for i in ids}
+    for name, split in splits.items():
+        split.questions = [q for q in sorted(questions, key=lambda q: q.image_id)
+                           if q.image_id in features and where[q.image_id] == name]
+        split.qa_features = FeatureRows([features[q.image_id] for q in split.questions])
+
+
+def file_key(record: Record) -> str:
+    """What tells an image apart across sources: its real path, or its id on the hub."""
+    return os.path.realpath(record.ref) if isinstance(record.ref, str) else record.image_id
 
 
 def batches(split: Split, batch_size: int, order: list[int], prompts: list[list[int]] | None = None):
@@ -1523,10 +1668,33 @@ def steps_per_epoch(num_pairs: int, cfg: Config) -> int:
     return math.ceil(math.ceil(num_pairs / cfg.batch_size) / cfg.grad_accum)
 
 
+def qa_pairs_per_epoch(split: Split, cfg: Config) -> int:
+    """QA_MIX: the question-answer pairs that join an epoch's caption pairs, so that they are that share of it."""
+    return round(len(split.pairs) * cfg.qa_mix / (1 - cfg.qa_mix)) if split.questions else 0
+
+
+def epoch_pairs(model: Captioner, split: Split, cfg: Config, epoch: int) -> tuple[Split, list[list[int]] | None]:
+    """The epoch's pairs and the prompt of each (None: as `epoch_prompts`): every (image, caption) pair, then with
+    QA_MIX (image, answer) pairs under their question, drawn in a shuffle of SEED and the epoch, all before repeats."""
+    n, m = len(split.pairs), qa_pairs_per_epoch(split, cfg)
+    prompts = epoch_prompts(model, n, cfg.seed, epoch)
+    if not m:
+        return split, prompts
+    order = random.Random(f"qa-{cfg.seed}-{epoch}").sample(range(len(split.questions)), len(split.questions))
+    chosen = [order[j % len(order)] for j in range(m)]
+    answers = model.tokenize_captions([split.questions[i].answer for i in chosen], prefix=" ")
+    features = FeatureRows(split.features.rows + [split.qa_features.rows[i] for i in chosen])
+    pairs = split.pairs + [(len(split.features) + j, a) for j, a in enumerate(answers)]
+    prompts = (prompts or [model.prompt_ids] * n) + [model.tokenize_prompt(ask_text(split.questions[i].question))
+                                                     for i in chosen]
+    return dataclasses.replace(split, features=features, pairs=pairs), prompts
+
+
 def optimizer_steps(model: Captioner, split: Split, cfg: Config, epoch: int):
     """The epoch's micro-batches grouped by optimizer step: GRAD_ACCUM each, the last group maybe fewer."""
+    split, prompts = epoch_pairs(model, split, cfg, epoch)
     group, n = [], len(split.pairs)
-    for batch in batches(split, cfg.batch_size, epoch_order(n, cfg.seed, epoch), epoch_prompts(model, n, cfg.seed, epoch)):
+    for batch in batches(split, cfg.batch_size, epoch_order(n, cfg.seed, epoch), prompts):
         group.append(batch)
         if len(group) == cfg.grad_accum:
             yield group
@@ -1597,13 +1765,14 @@ class LossWatch:
 
 
 def train_epoch(model: nn.Module, opt, train: Split, cfg: Config, epoch: int, state: dict, run) -> float:
-    """One pass over every (image, caption) pair of the train split. Returns the mean loss.
-    `model`: the Captioner, or DDP around it (see `train_step`)."""
+    """One pass over every (image, caption) pair of the train split, with QA_MIX's question-answer pairs.
+    Returns the mean loss. `model`: the Captioner, or DDP around it (see `train_step`)."""
     model.train()
     captioner = unwrapped(model)
-    total_steps = steps_per_epoch(len(train.pairs), cfg) * cfg.epochs
+    size = len(train.pairs) + qa_pairs_per_epoch(train, cfg)
+    total_steps = steps_per_epoch(size, cfg) * cfg.epochs
     watch = LossWatch(captioner.device)
-    bar = progress_bar(total=len(train.pairs), desc=f"epoch {epoch}/{cfg.epochs}", unit="pair")
+    bar = progress_bar(total=size, desc=f"epoch {epoch}/{cfg.epochs}", unit="pair")
     t0, seen, tokens = time.perf_counter(), 0, 0
     for micro_batches in optimizer_steps(captioner, train, cfg, epoch):
         scale = get_lr_scale(state["step"], total_steps, cfg.warmup_ratio)
@@ -1635,12 +1804,14 @@ def train_epoch(model: nn.Module, opt, train: Split, cfg: Config, epoch: int, st
 # =============================================================================================
 
 # Every metric --test reports, in the order tables show them, and where else each is shown: "card" in
-# an export's model card, "plot" in --compare's bar chart. Only the loss is better when lower.
+# an export's model card, "plot" in --compare's bar chart, "epochs" in its per-epoch plots of validation.
+# Only the loss is better when lower. With a question source, VQA-acc/{question type} follow VQA-acc.
 METRICS = {"loss": "card", "BLEU-1": "card", "BLEU-2": "", "BLEU-3": "", "BLEU-4": "card plot",
-           "METEOR": "card plot", "ROUGE-L": "card plot", "CIDEr": "card plot", "Recall@1": "card plot",
-           "Recall@5": "card plot", "Precision@1": "card", "Precision@5": "card", "T2I-Recall@1": "", "T2I-Recall@5": ""}
+           "METEOR": "card plot", "ROUGE-L": "card plot", "CIDEr": "card plot epochs", "Recall@1": "card plot",
+           "Recall@5": "card plot", "Precision@1": "card", "Precision@5": "card", "T2I-Recall@1": "", "T2I-Recall@5": "",
+           "VQA-acc": "card plot epochs"}
 LOWER_IS_BETTER = ("loss",)
-SIZE_KEYS = ("retrieval_pool", "num_images")  # how much was scored, reported beside the metrics
+SIZE_KEYS = ("retrieval_pool", "num_images", "num_questions")  # how much was scored, reported beside the metrics
 
 
 @torch.no_grad()
@@ -1660,19 +1831,45 @@ def split_loss(model: Captioner, split: Split, cfg: Config) -> float:
 
 
 @torch.no_grad()
-def generate_captions(model: Captioner, features: torch.Tensor | FeatureRows, cfg: Config, desc="generating",
-                      prompt_ids: list[int] | None = None) -> list[str]:
-    """Captions of the images (with PROMPT), or their text under another prompt, EVAL_BATCH_SIZE at a time.
-    Under torchrun each rank generates its share of the batches and every rank gets all texts; sampling is
-    seeded per batch, so a text does not depend on which rank made it."""
+def generate_texts(model: Captioner, n: int, inputs, cfg: Config, decoding: dict, desc: str) -> list[str]:
+    """n generated texts, EVAL_BATCH_SIZE at a time; inputs(range of rows) -> `generate`'s features, prompts
+    and shots for those rows. Under torchrun each rank generates its share of the batches and every rank
+    gets all texts; sampling is seeded per batch, so a text does not depend on which rank made it."""
     model.eval()
     mine = {}
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        for items in progress_bar(DIST.my_batches(len(features), cfg.eval_batch_size), desc=desc, unit="batch"):
+        for items in progress_bar(DIST.my_batches(n, cfg.eval_batch_size), desc=desc, unit="batch"):
             torch.manual_seed(cfg.seed + items.start)  # sampling is reproducible and leaves the training RNG alone
-            mine[items.start] = model.generate(features[items.start: items.stop], decoding_kwargs(cfg), prompt_ids)
+            features, prompts, shots = inputs(items)
+            mine[items.start] = model.generate(features, decoding, prompts, shots)
     every = {start: texts for part in DIST.gather(mine) for start, texts in part.items()}
     return [text for start in sorted(every) for text in every[start]]
+
+
+def generate_captions(model: Captioner, features: torch.Tensor | FeatureRows, cfg: Config, desc="generating"):
+    """A caption of each image (with PROMPT and DECODING)."""
+    return generate_texts(model, len(features), lambda rows: (features[rows.start: rows.stop], None, None), cfg,
+                          decoding_kwargs(cfg), desc)
+
+
+def answer_questions(model: Captioner, questions: list[Question], features, cfg: Config, solved: Split | None):
+    """Answers to the questions about the images of `features` (a row each); with QA_SHOTS, each after as many
+    solved examples of `solved` (the QA train split), drawn for that question with SEED."""
+    def inputs(rows: range):
+        images, prompts, shots = [], [], []
+        for q, feature in zip(questions[rows.start: rows.stop], features[rows.start: rows.stop]):
+            draw = random.Random(f"{cfg.seed}-{q.image_id}-{q.question}")
+            examples = draw.sample(range(len(solved.questions)), cfg.qa_shots) if cfg.qa_shots else []
+            images += [solved.qa_features[i] for i in examples] + [feature]
+            prompts.append(model.tokenize_prompt(ask_text(q.question)))
+            shots.append([model.tokenize_prompt(ask_text(solved.questions[i].question, solved.questions[i].answer))
+                          for i in examples])
+        return torch.stack(images), prompts, shots
+    if cfg.qa_shots > len(solved.questions if solved else []):
+        raise UserError(f"QA_SHOTS={cfg.qa_shots} is more than the QA train split's questions: lower it", exit_code=2)
+    # greedy and short, ending at EOS or at a newline (which ends a solved example)
+    decoding = dict(max_new_tokens=cfg.qa_max_new_tokens, do_sample=False, num_beams=1, eos_token_id=model.answer_stops)
+    return generate_texts(model, len(questions), inputs, cfg, decoding, "answering")
 
 
 _JAVA_WARNED = False
@@ -1813,10 +2010,58 @@ def retrieval_scores(model: Captioner, split: Split, pool: int, cfg: Config) -> 
     return DIST.sum(scores), owner
 
 
-def evaluate(model: Captioner, split: Split, cfg: Config, caption_images: int, pool: int):
-    """Loss over the whole split, caption metrics on the first `caption_images` images
-    (0 = all), retrieval over a pool of `pool` images. Returns (metrics, generated captions); under
-    torchrun the same on every rank."""
+# VQAv2's answer normalisation, as its official evaluation script (vqaEval.py) does it.
+VQA_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
+VQA_NUMBERS = dict(zip("none zero one two three four five six seven eight nine ten".split(), "0 0 1 2 3 4 5 6 7 8 9 10".split()))
+# Its contractions, written out: each form missing any one apostrophe ("dont", "couldnt've") maps to the form.
+VQA_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd he'd've "
+    "he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've needn't "
+    "not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've somebody'll "
+    "somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's there'd "
+    "there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll "
+    "what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's "
+    "won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've").split()
+VQA_CONTRACTIONS = {c[:i] + c[i + 1:]: c for c in VQA_CONTRACTED for i, ch in enumerate(c) if ch == "'"}
+
+
+def normalize_answer(text: str) -> str:
+    """An answer as VQAv2 compares it: punctuation dropped where it touches a space or in a number with a comma
+    ("yes!" -> "yes", "1,000" -> "1000"), else a space ("black/white" -> "black white"); periods dropped but in
+    numbers; lower case; number words as digits; no articles; contractions restored ("dont" -> "don't")."""
+    text = " ".join(text.split())
+    out, glued = text, re.search(r"\d,\d", text) is not None
+    for p in VQA_PUNCTUATION:
+        out = out.replace(p, "" if glued or p + " " in text or " " + p in text else " ")
+    words = [VQA_NUMBERS.get(w, w) for w in re.sub(r"\.(?!\d)", "", out).lower().split()]
+    return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def vqa_accuracy(generated: str, answers: list[str]) -> float:
+    """VQAv2's accuracy of one answer, both sides normalised: with 10 reference answers, min(#matching / 3, 1)
+    averaged over the 10 leave-one-out subsets of 9; with any other number, 1 if it matches one, else 0."""
+    said, refs = normalize_answer(generated), [normalize_answer(a) for a in answers]
+    if len(refs) != 10:
+        return float(said in refs)
+    return sum(min(1.0, (refs.count(said) - (r == said)) / 3) for r in refs) / 10
+
+
+def vqa_metrics(questions: list[Question], generated: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """VQA-acc (the mean accuracy) and VQA-acc/{type} per question type, and a record of each answer."""
+    answered = [{"image_id": q.image_id, "question": q.question, "generated": g, "answers": q.answers,
+                 "accuracy": vqa_accuracy(g, q.answers), "type": q.type} for q, g in zip(questions, generated)]
+    metrics = {"VQA-acc": sum(a["accuracy"] for a in answered) / max(len(answered), 1)}
+    for kind in sorted({q.type for q in questions if q.type}):
+        scores = [a["accuracy"] for a in answered if a["type"] == kind]
+        metrics[f"VQA-acc/{kind}"] = sum(scores) / len(scores)
+    return metrics, answered
+
+
+def evaluate(model: Captioner, split: Split, cfg: Config, caption_images: int, pool: int, solved: Split | None = None):
+    """Loss over the whole split, caption metrics on the first `caption_images` images (0 = all),
+    retrieval over a pool of `pool` images, and VQA accuracy on the questions of the first `caption_images`
+    images of the question source (solved examples from `solved`). Returns (metrics, generated captions,
+    a record of each answer); under torchrun the same on every rank."""
     metrics = {"loss": split_loss(model, split, cfg)}
     n = len(split.ids) if caption_images == 0 else min(caption_images, len(split.ids))
     generated = generate_captions(model, split.features.first(n), cfg)
@@ -1827,7 +2072,12 @@ def evaluate(model: Captioner, split: Split, cfg: Config, caption_images: int, p
         scores, owner = retrieval_scores(model, split, pool, cfg)
         metrics.update(retrieval_metrics(scores, owner))
         metrics["retrieval_pool"] = scores.shape[0]
-    return metrics, preds
+    first = set(sorted({q.image_id for q in split.questions})[:caption_images or None])
+    asked = [q for q in split.questions if q.image_id in first]  # a prefix: the questions are sorted by image
+    if not asked:
+        return metrics, preds, []
+    vqa, answered = vqa_metrics(asked, answer_questions(model, asked, split.qa_features, cfg, solved))
+    return {**metrics, **vqa, "num_questions": len(asked)}, preds, answered
 
 
 def format_table(metrics: dict) -> str:
@@ -1851,7 +2101,8 @@ def epoch_table(history: list[dict]) -> str:
     return "\n".join(lines)
 
 
-RESULT_COLUMNS = ("checkpoint", *MODEL_KEYS, "decoding", "epochs", "untrained", "test_dataset", *METRICS, *SIZE_KEYS)
+RESULT_COLUMNS = ("checkpoint", *MODEL_KEYS, "decoding", "qa_mix", "qa_shots", "epochs", "untrained", "test_dataset",
+                  *METRICS, *SIZE_KEYS)
 
 
 def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict, untrained: bool = False) -> None:
@@ -1860,14 +2111,16 @@ def append_results_row(cfg: Config, path: Path, ckpt: dict, metrics: dict, untra
     The zero-shot baseline's row says untrained=yes (and epochs=0; its checkpoint is untrained_{run})."""
     results = output_path(cfg.output_dir_models, "results", "results")
     row = {"checkpoint": path.name, **{k: getattr(cfg, k) for k in MODEL_KEYS}, "decoding": cfg.decoding,
-           "epochs": ckpt["epoch"], "untrained": "yes" if untrained else "no", "test_dataset": cfg.test_dataset,
-           **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_COLUMNS}}
+           "qa_mix": ckpt.get("config", {}).get("qa_mix", 0.0), "qa_shots": cfg.qa_shots, "epochs": ckpt["epoch"],
+           "untrained": "yes" if untrained else "no", "test_dataset": cfg.test_dataset,
+           **{k: ("" if v is None else v) for k, v in metrics.items() if k in RESULT_COLUMNS or k.startswith("VQA-acc/")}}
     rows, columns = [], list(RESULT_COLUMNS)
     if results.is_file():
         with open(results, newline="") as fh:
             reader = csv.DictReader(fh)
             rows = list(reader)
             columns += [c for c in reader.fieldnames or [] if c not in columns]
+    columns += [c for c in row if c not in columns]
 
     def write(fh):
         text = io.StringIO()
@@ -1892,8 +2145,8 @@ CHECKPOINT_NAME = re.compile(r"(\d+)_(clip|vit)(_qformer)?_(?:top(\d+)|lora(\d+)
 # Every file a run writes into OUTPUT_DIR_MODELS: a stem, then the kind's suffix. A checkpoint's stem is
 # {epoch}_{run_name}, and the results of testing it share that stem; a run's history is {run_name}.history.jsonl.
 OUTPUT_SUFFIXES = {"checkpoint": ".pt", "history": ".history.jsonl", "results": ".csv", "test": ".test.json",
-                   "captions": ".test_captions.jsonl", "gallery": ".test_gallery.html", "explain": ".explain",
-                   "lock": ".lock"}
+                   "captions": ".test_captions.jsonl", "answers": ".test_answers.jsonl", "gallery": ".test_gallery.html",
+                   "explain": ".explain", "lock": ".lock"}
 
 
 def output_path(folder: Path | str, stem: str, kind: str) -> Path:
@@ -2495,8 +2748,9 @@ def ignore_stop_signals() -> None:
 # Runs: --train, --test, --caption, --ask
 # =============================================================================================
 
-def prepare_data(cfg: Config, data, encoder: VisionEncoder, model: Captioner, whole: bool = False):
-    """Features (cached) and tokenized captions of the train/val/test splits (whole: every image as "test")."""
+def prepare_data(cfg: Config, data, encoder: VisionEncoder, model: Captioner, questions=None, whole: bool = False):
+    """Features (cached) and tokenized captions of the train/val/test splits (whole: every image as "test"), and
+    the questions (`load_questions`) about each split's images."""
     records, store, no_caption = data
     features, bad = cached_features(cfg, encoder, records, store)
     skipped = {**{i: "no caption" for i in no_caption}, **bad}
@@ -2505,6 +2759,8 @@ def prepare_data(cfg: Config, data, encoder: VisionEncoder, model: Captioner, wh
     ids = [r.image_id for r in records]
     parts = {"test": ids} if whole else split_by_image(ids, cfg.seed)
     splits = {name: make_split(ids, features, by_id, model) for name, ids in parts.items()}
+    if questions:
+        add_questions(splits, questions, by_id, cfg, encoder)
     return splits, by_id, store
 
 
@@ -2518,7 +2774,8 @@ def settings_table(cfg: Config) -> str:
 def banner(cfg: Config, device, dtype, splits=None, model=None) -> None:
     log.info(f"device: {device}, dtype: {str(dtype).replace('torch.', '')}")
     if splits:
-        log.info("data: " + ", ".join(f"{k} {len(s.ids)} images / {len(s.pairs)} captions" for k, s in splits.items()))
+        log.info("data: " + ", ".join(f"{k} {len(s.ids)} images / {len(s.pairs)} captions"
+                                      + (f" / {len(s.questions)} questions" if s.questions else "") for k, s in splits.items()))
     if model is not None:
         log.info(describe_adapter(model))
         counts = parameter_counts(model)
@@ -2566,11 +2823,11 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
     if resumed and resumed[1]["epoch"] >= cfg.epochs:
         log.info(f"{resumed[0]} already finished epoch {resumed[1]['epoch']} of EPOCHS={cfg.epochs}: nothing to resume")
         return
-    data = load_records(cfg)  # a wrong dataset path fails before any model is loaded
+    data, questions = load_records(cfg), load_questions(cfg)  # a wrong dataset path fails before any model is loaded
     encoder, model = build_model(cfg, device, dtype)
     if cfg.init_from and not resumed:
         start_from(model, cfg)
-    splits, by_id, store = prepare_data(cfg, data, encoder, model)
+    splits, by_id, store = prepare_data(cfg, data, encoder, model, questions)
     if not splits["train"].pairs or not splits["val"].ids:
         raise UserError(f"too few images to split 80/10/10 ({sum(len(s.ids) for s in splits.values())} usable)")
     if wants_compile(cfg, device):
@@ -2586,7 +2843,7 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
     fixed_val = splits["val"].ids[:min(16, cfg.val_caption_images or 16)]  # only images that get a caption
     with run_lock(cfg), wandb_run(cfg, "train", resumed[1]["wandb_run_id"] if resumed else None, demo) as run:
         if demo and not resumed:
-            untrained, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
+            untrained, _, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, 0, splits["train"])
             log.info(f"before training: val loss {untrained['loss']:.4f}, CIDEr {untrained['CIDEr']:.4f} (for contrast)")
         for epoch in range(start_epoch, cfg.epochs + 1):
             started = time.perf_counter()
@@ -2594,7 +2851,7 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
                 train_loss = train_epoch(trainer, opt, splits["train"], cfg, epoch, state, run)
             train_seconds = time.perf_counter() - started
             with out_of_memory_advice(cfg, device, training=False):
-                metrics, preds = evaluate(model, splits["val"], cfg, cfg.val_caption_images, pool=0)
+                metrics, preds, _ = evaluate(model, splits["val"], cfg, cfg.val_caption_images, 0, splits["train"])
             metrics.update(train_loss=train_loss, train_seconds=train_seconds)
             samples = sample_table(run, by_id, store, fixed_val, preds)
             run.log({f"val/{k}": v for k, v in {**metrics, **samples}.items() if v is not None} | {"epoch": epoch},
@@ -2606,7 +2863,8 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
                 save_checkpoint(model, opt, cfg, epoch, state["step"], metrics, run.id)
             DIST.barrier()  # the others wait for the checkpoint here, not in the next step's lockstep exchange
             log.info(f"epoch {epoch} ({train_seconds:.0f} s): train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
-                     f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f} -> {path}")
+                     f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f}"
+                     + (f", VQA-acc {metrics['VQA-acc']:.4f}" if "VQA-acc" in metrics else "") + f" -> {path}")
             for i in fixed_val[:3]:
                 log.info(f"  {i}: {preds.get(i, '')!r}")
     log.info("per epoch:\n" + epoch_table(read_history(history_path(cfg.output_dir_models, cfg.run_name))))
@@ -2650,35 +2908,41 @@ def build_untrained(cfg: Config) -> InferenceModel:
 
 
 def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -> None:
-    """--test: evaluate a checkpoint (or the untrained model) on the test split (or every image of TEST_DATASET)
-    and write its results."""
+    """--test: evaluate a checkpoint (or the untrained model) on the test split (or every image of TEST_DATASET,
+    captions only) and write its results."""
+    questions = None if cfg.test_dataset else load_questions(cfg)
     m = build_untrained(cfg) if untrained else load_trained(cfg, checkpoint)
     cfg, path = m.cfg, m.path
     source, data = test_source(cfg) if cfg.test_dataset else (cfg, load_records(cfg))
-    splits, by_id, store = prepare_data(source, data, m.encoder, m.model, whole=bool(cfg.test_dataset))
+    splits, by_id, store = prepare_data(source, data, m.encoder, m.model, questions, whole=bool(cfg.test_dataset))
     if wants_compile(cfg, m.device):
         m.model.use_fast_path(training=False)
     test = splits["test"]
     banner(cfg, m.device, m.dtype, splits, m.model)
     with wandb_run(cfg, "test", demo=demo) as run:
         with out_of_memory_advice(cfg, m.device, training=False):
-            metrics, preds = evaluate(m.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool)
+            metrics, preds, answered = evaluate(m.model, test, cfg, cfg.test_caption_images, cfg.retrieval_pool,
+                                                splits.get("train"))
         if not DIST.is_main:
             return  # rank 0 writes and reports
         decoding = {k: v for k, v in decoding_kwargs(cfg).items() if v is not None}
         result = {"checkpoint": None if m.untrained else str(path), "untrained": m.untrained,
                   "epoch": m.checkpoint["epoch"], "metrics": metrics, "decoding": decoding,
                   "test_dataset": cfg.test_dataset, "num_test_images": len(test.ids), "config": cfg.public()}
-        written = [result_path(path, kind, cfg.test_dataset) for kind in ("test", "captions", "gallery")]
+        written = [result_path(path, kind, cfg.test_dataset) for kind in ("test", "captions")]
         atomic_write(written[0], lambda fh: fh.write(json.dumps(result, indent=2).encode()))
         scores = image_scores(preds, {i: by_id[i].captions for i in preds})
         rows = [{"image_id": i, "generated": preds[i], "references": by_id[i].captions, **scores[i]} for i in preds]
         atomic_write(written[1], lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        if answered:
+            written.append(result_path(path, "answers"))
+            atomic_write(written[-1], lambda fh: fh.write("".join(json.dumps(a) + "\n" for a in answered).encode()))
         try:  # the gallery is for looking at: without workflow_tools.py (or room for it) the results still stand
-            workflow_tools("the test gallery").write_gallery(written[2], rows, lambda i: store.open(by_id[i].ref), result)
+            gallery = result_path(path, "gallery", cfg.test_dataset)
+            workflow_tools("the test gallery").write_gallery(gallery, rows, lambda i: store.open(by_id[i].ref), result)
+            written.append(gallery)
         except UserError as e:
             log.info(f"{e}; no gallery written")
-            written.pop()
         append_results_row(cfg, path, m.checkpoint, metrics, m.untrained)
         samples = sample_table(run, by_id, store, list(preds)[:16], preds)
         run.log({f"test/{k}": v for k, v in {**metrics, **samples}.items() if v is not None})
@@ -2706,14 +2970,16 @@ def encode_image_files(paths: list[str], encoder: VisionEncoder, batch_size: int
             yield names, pixels, encoder(torch.stack(pixels))
 
 
-def describe_images(m: InferenceModel, paths: list[str], prompt_ids: list[int] | None = None, explain=False) -> int:
-    """Print path<TAB>text for each readable image: its caption, or under another prompt (a question)
-    the answer; explain: also the pictures of where a Q-Former's queries look. Returns the exit code:
-    1 if any image could not be read."""
+def describe_images(m: InferenceModel, paths: list[str], question: str | None = None, solved: Split | None = None,
+                    explain=False) -> int:
+    """Print path<TAB>text for each readable image: its caption, or the answer to `question` (after
+    QA_SHOTS solved examples of `solved`); explain: also the pictures of where a Q-Former's queries look.
+    Returns the exit code: 1 if any image could not be read."""
     tools = workflow_tools("--explain") if explain else None
     picture_names, done = tools.explain_names(paths) if tools else {}, 0
     for names, pixels, features in encode_image_files(paths, m.encoder, m.cfg.eval_batch_size):
-        texts = generate_captions(m.model, features, m.cfg, desc="captioning", prompt_ids=prompt_ids)
+        texts = (answer_questions(m.model, [Question(n, question, [], "", n) for n in names], features, m.cfg, solved)
+                 if question else generate_captions(m.model, features, m.cfg, desc="captioning"))
         for name, text in zip(names, texts):
             print(f"{name}\t{text}", flush=True)
         if tools:
@@ -2730,15 +2996,12 @@ def cmd_caption(cfg: Config, checkpoint: str | None, images: list[str], explain:
     return describe_images(m, images, explain=explain)
 
 
-# The question takes the prompt's place. A model trained on captions only has learnt to describe
-# whatever follows its visual tokens: it answers with a description, whatever the question.
-ASK_TEMPLATE = "Question: {question} Answer:"
-
-
 def cmd_ask(cfg: Config, checkpoint: str | None, question: str, images: list[str]) -> int:
+    """--ask: answers as --test makes them, after QA_SHOTS solved examples of the QA train split."""
+    questions = load_questions(cfg)
     m = load_trained(cfg, checkpoint)
-    prompt_ids = m.model.tokenize_prompt(ASK_TEMPLATE.format(question=" ".join(question.split())))
-    return describe_images(m, images, prompt_ids)
+    solved = prepare_data(m.cfg, load_records(m.cfg), m.encoder, m.model, questions)[0]["train"] if cfg.qa_shots else None
+    return describe_images(m, images, " ".join(question.split()), solved)
 
 
 # =============================================================================================

@@ -117,8 +117,11 @@ def model_card(info: dict, weights: dict, repo_id: str | None) -> str:
         "without human review.",
         "- Captions can be wrong: objects that are not there, wrong counts and colours, and the biases of the "
         "training captions (e.g. guesses of gender or age).",
-        "- Trained on captions only: asked a question (`--ask`), it answers with a description of the image, "
-        "which answers 'what is in the picture' questions at best; it has not learnt to count, read text or reason.",
+        (f"- Trained on captions and, for {c['qa_mix']:.0%} of its sequences, on the question-answer pairs of "
+         f"{c['qa_dataset']}: it answers questions like those, briefly (`--ask`); other questions at its own risk."
+         if c.get("qa_mix") else
+         "- Trained on captions only: asked a question (`--ask`), it answers with a description of the image, "
+         "which answers 'what is in the picture' questions at best; it has not learnt to count, read text or reason."),
         "- English only, one image at a time, at the encoder's input resolution.",
         *(["- VISION_MODEL and/or LM_MODEL were local folders when this model was trained: where those folders do "
            "not exist, point the variables at the same models (e.g. `LM_MODEL=Qwen/Qwen3-0.6B-Base`)."] if local else []),
@@ -151,14 +154,18 @@ def card_metrics(info: dict) -> list[str]:
         metrics = info["val_metrics"]
         source = (f"Validation split after epoch {info['epoch']} ({metrics.get('num_images')} images captioned): "
                   "this checkpoint has not been tested yet (`--test`), so these are not test numbers.")
+    shown = [m for m, where in mtl.METRICS.items() if "card" in where] + sorted(k for k in metrics if "/" in k)
     split = (f"The data was split 80/10/10 by image (SEED={c['seed']}): {images['train']} train, {images['val']} "
              f"validation and {images['test']} test images of {c['dataset']}." if images else
              "The split sizes were not recorded with this checkpoint.")
     return ["## Metrics", "", source, "", "| metric | value |", "|---|---|",
-            *(f"| {m} | {'missing' if metrics[m] is None else f'{metrics[m]:.4f}'} |" for m in mtl.METRICS
-              if "card" in mtl.METRICS[m] and m in metrics), "",
+            *(f"| {m} | {'missing' if metrics[m] is None else f'{metrics[m]:.4f}'} |" for m in shown if m in metrics), "",
             "BLEU, METEOR, ROUGE-L and CIDEr (CIDEr-D) by pycocoevalcap; Recall/Precision@K rank every caption of the "
-            "pool by the model's likelihood given the image. `missing` = not computed (METEOR needs Java).", "", split,
+            "pool by the model's likelihood given the image. `missing` = not computed (METEOR needs Java).",
+            *([f"VQA-acc (VQA-acc/{{type}} per question type): VQAv2's accuracy of short greedy answers to "
+               f"{metrics['num_questions']} questions (normalised answers; min(#matching annotators / 3, 1) over the "
+               "10 leave-one-out subsets where 10 answers exist, else an exact match)."] if "VQA-acc" in metrics else []),
+            "", split,
             *(f"\nOut of domain (TEST_DATASET): every image of {t['test_dataset']} ({t['num_test_images']} images): "
               + ", ".join(f"{m} {t['metrics'][m]:.4f}" for m in PLOTTED_TEST_METRICS if t["metrics"].get(m) is not None)
               for t in info.get("other_tests", []))]
@@ -216,6 +223,7 @@ def cmd_export(cfg: Config, checkpoint: str | None, folder: Path, repo_id: str |
 
 
 PLOTTED_TEST_METRICS = [m for m, shown in mtl.METRICS.items() if "plot" in shown]
+EPOCH_METRICS = [m for m, shown in mtl.METRICS.items() if "epochs" in shown]
 
 
 def find_run_files(folders: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -232,8 +240,8 @@ def run_label(folder: Path, root: Path, name: str) -> str:
 
 def read_results(paths: list[Path], root: Path) -> list[dict]:
     """The results.csv rows as dicts with a 'run' label and the path of their gallery (None if there is none).
-    Several rows for the same checkpoint, decoding and test set (--test run again) count once: the newest, i.e.
-    the last in its file."""
+    Several rows for the same checkpoint, decoding, QA_SHOTS and test set (--test run again) count once: the
+    newest, i.e. the last in its file."""
     rows = {}
     for path in paths:
         with open(path, newline="") as fh:
@@ -241,8 +249,8 @@ def read_results(paths: list[Path], root: Path) -> list[dict]:
                 label = run_label(path.parent, root, Path(row.get("checkpoint") or "?").stem)
                 test_set = row.get("test_dataset") or ""
                 gallery = mtl.result_path(path.parent / (row.get("checkpoint") or "?"), "gallery", test_set)
-                rows[(label, row.get("decoding"), test_set)] = {"run": label, **row,  # a newer row replaces an older one
-                                                                "gallery": gallery if gallery.is_file() else None}
+                key = (label, row.get("decoding"), row.get("qa_shots"), test_set)
+                rows[key] = {"run": label, **row, "gallery": gallery if gallery.is_file() else None}  # newest wins
     return list(rows.values())
 
 
@@ -259,7 +267,7 @@ def comparison_table(rows: list[dict], out: Path = Path(".")) -> str:
     """Markdown: one row per run; the settings that differ between runs, then every test metric, the
     best value of each in bold (when at least two runs have it); a metric a run lacks is 'missing'. Where a
     run has a test gallery, a last column links it (relative to `out`, where the table is written)."""
-    metrics = list(mtl.METRICS)
+    metrics = [*mtl.METRICS, *sorted({c for r in rows for c in r if c.startswith("VQA-acc/")})]  # per question type
     columns = dict.fromkeys(c for r in rows for c in r if c not in ("run", "checkpoint", "gallery", *metrics))
     settings = [c for c in columns if len({r.get(c) or "" for r in rows}) > 1]
     best = {}
@@ -296,11 +304,13 @@ def save_figure(fig, path: Path) -> None:
 
 
 def plot_histories(plt, histories: dict[str, list[dict]], folder: Path, starts: dict[str, int] = {}) -> list[Path]:
-    """Val loss and val CIDEr per epoch, one line per run; a stage's epochs after those of the stages before it
-    (`starts`: how many there were, see `epochs_before`)."""
+    """Val loss, and each per-epoch metric some run recorded (CIDEr; VQA-acc with questions), per epoch, one line
+    per run; a stage's epochs after those of the stages before it (`starts`: how many, see `epochs_before`)."""
+    curves = [("val_loss", "val loss", lambda h: h.get("val_loss"))]
+    curves += [(f"val_{m.lower()}", f"val {m}", lambda h, m=m: (h.get("val_metrics") or {}).get(m)) for m in EPOCH_METRICS
+               if any(m in (h.get("val_metrics") or {}) for rows in histories.values() for h in rows)]
     paths = []
-    for name, title, value in (("val_loss", "val loss", lambda h: h.get("val_loss")),
-                               ("val_cider", "val CIDEr", lambda h: (h.get("val_metrics") or {}).get("CIDEr"))):
+    for name, title, value in curves:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for label, rows in histories.items():
             ys = [number(value(h)) for h in rows]
@@ -384,10 +394,10 @@ def compare_runs(folders: list[Path], out: Path) -> str:
     table = comparison_table(rows, out) if rows else "(no test results yet: run --test)"
     doc = "\n".join([
         f"# Comparison of {len(rows)} tested runs", "",
-        f"Under {', '.join(str(f) for f in folders)}. Test metrics from results.csv (the newest row per checkpoint "
-        "and decoding); **bold** = the best per metric (loss: lowest; the rest: highest); `missing` = not computed "
-        "(e.g. METEOR without Java). Columns between run and the metrics: the settings that differ; `gallery`: the "
-        "run's test captions to look at, worst first.", "",
+        f"Under {', '.join(str(f) for f in folders)}. Test metrics from results.csv (the newest row per checkpoint, "
+        "decoding, QA_SHOTS and test set); **bold** = the best per metric (loss: lowest; the rest: highest); "
+        "`missing` = not computed (e.g. METEOR without Java). Columns between run and the metrics: the settings that "
+        "differ; `gallery`: the run's test captions to look at, worst first.", "",
         table, "", *(f"![{p.stem}]({p.name})" for p in plots), ""])
     atomic_write(out / "comparison.md", lambda fh: fh.write(doc.encode()))
     log.info(f"wrote {out / 'comparison.md'}" + "".join(f", {p.name}" for p in plots))
@@ -628,8 +638,24 @@ DEMO_POSITION_TEMPLATES = ("{a} {c} {s} {where}", "{a} {c} {s} {where} of the im
                            "{where} there is {a} {c} {s}", "one {c} {s} {where}")
 
 
-def demo_caption(template: str, colour: str, shape: str, place: str | None = None) -> str:
-    return template.format(a="an" if colour[0] in "aeiou" else "a", c=colour, s=shape, where=DEMO_WHERE.get(place))
+# DEMO_TASK=qa: 1-3 shapes of one colour and kind, in a row at one of DEMO_PLACES; captions say how many, and
+# four questions a shape each, with a question type each (VQA-acc/{type}).
+DEMO_COUNTS = ("one", "two", "three")
+
+
+DEMO_QA_TEMPLATES = ("{a} {c} {s} {where}", "{a} {c} {s} {where} of the image", "there {be} {a} {c} {s} {where}",
+                     "{where} there {be} {a} {c} {s}", "{n} {c} {s} {where}")
+
+
+DEMO_QUESTIONS = {"what colour": "what colour are the shapes?", "what shape": "what shape are they?",
+                  "where": "where are the shapes?", "how many": "how many shapes are there?"}
+DEMO_QUESTIONS_FILE = "questions.jsonl"  # beside the demo's metadata.jsonl
+
+
+def demo_caption(template: str, colour: str, shape: str, place: str | None = None, count: int = 1) -> str:
+    article = ("an" if colour[0] in "aeiou" else "a") if count == 1 else DEMO_COUNTS[count - 1]
+    return template.format(a=article, n=DEMO_COUNTS[count - 1], c=colour, s=shape + "s" * (count > 1),
+                           be="is" if count == 1 else "are", where=DEMO_WHERE.get(place))
 
 
 def demo_sample(index: int, seed: int) -> tuple[Image.Image, str, str]:
@@ -648,9 +674,23 @@ def demo_position_sample(index: int, seed: int) -> tuple[Image.Image, str, str, 
     return draw_demo_shape(shape, x, y, r, DEMO_COLOURS[colour]), colour, shape, place
 
 
-def draw_demo_shape(shape: str, x: int, y: int, r: int, fill) -> Image.Image:
-    """A 64 x 64 gray image with one shape of `fill` colour centred at (x, y), r pixels from centre to edge."""
-    image = Image.new("RGB", (64, 64), (128, 128, 128))
+def demo_qa_sample(index: int, seed: int) -> tuple[Image.Image, str, str, str, int]:
+    """DEMO_TASK=qa: 1-3 shapes of radius 6, 16 pixels apart in a row (a column on the left or right) centred
+    on one of DEMO_PLACES, each jittered by a pixel at most: they never touch, so they can be counted."""
+    rnd = random.Random(f"qa-{seed}-{index}")
+    colour, shape, place = rnd.choice(list(DEMO_COLOURS)), rnd.choice(DEMO_SHAPES), rnd.choice(list(DEMO_PLACES))
+    count, (cx, cy), image = rnd.randint(1, 3), DEMO_PLACES[place], None
+    for k in range(count):
+        along = round((k - (count - 1) / 2) * 16)
+        x, y = (cx, cy + along) if place in ("left", "right") else (cx + along, cy)
+        image = draw_demo_shape(shape, x + rnd.randint(-1, 1), y + rnd.randint(-1, 1), 6, DEMO_COLOURS[colour], image)
+    return image, colour, shape, place, count
+
+
+def draw_demo_shape(shape: str, x: int, y: int, r: int, fill, image: Image.Image | None = None) -> Image.Image:
+    """A 64 x 64 gray image (or `image`) with one shape of `fill` colour centred at (x, y), r pixels from centre
+    to edge."""
+    image = image or Image.new("RGB", (64, 64), (128, 128, 128))
     draw = ImageDraw.Draw(image)
     box = (x - r, y - r, x + r, y + r)
     if shape == "circle":
@@ -662,40 +702,55 @@ def draw_demo_shape(shape: str, x: int, y: int, r: int, fill) -> Image.Image:
     return image
 
 
-def demo_item(task: str, index: int, seed: int) -> tuple[Image.Image, list[str]]:
-    """One image of the demo task and its five captions."""
+def demo_item(task: str, index: int, seed: int) -> tuple[Image.Image, list[str], list[dict]]:
+    """One image of the demo task, its five captions and (DEMO_TASK=qa) its questions, each with its answer and type."""
+    if task == "qa":
+        image, colour, shape, place, count = demo_qa_sample(index, seed)
+        answers = {"what colour": colour, "what shape": shape, "where": place, "how many": str(count)}
+        questions = [{"question": q, "answers": [answers[kind]], "question_type": kind} for kind, q in DEMO_QUESTIONS.items()]
+        return image, [demo_caption(t, colour, shape, place, count) for t in DEMO_QA_TEMPLATES], questions
     if task == "position":
         image, colour, shape, place = demo_position_sample(index, seed)
-        return image, [demo_caption(t, colour, shape, place) for t in DEMO_POSITION_TEMPLATES]
+        return image, [demo_caption(t, colour, shape, place) for t in DEMO_POSITION_TEMPLATES], []
     image, colour, shape = demo_sample(index, seed)
-    return image, [demo_caption(t, colour, shape) for t in DEMO_TEMPLATES]
+    return image, [demo_caption(t, colour, shape) for t in DEMO_TEMPLATES], []
 
 
 def demo_vocabulary_captions(task: str) -> list[str]:
-    """Every caption the task can produce: what the demo LM's word-level vocabulary is built from."""
+    """Every text the task can produce (captions; DEMO_TASK=qa: also questions and answers): what the demo LM's
+    word-level vocabulary is built from."""
+    if task == "qa":
+        return ([demo_caption(t, c, s, p, n) for t in DEMO_QA_TEMPLATES for c in DEMO_COLOURS for s in DEMO_SHAPES
+                 for p in DEMO_PLACES for n in (1, 2, 3)] + [mtl.ask_text(q, "1 2 3") for q in DEMO_QUESTIONS.values()])
     templates, places = (DEMO_POSITION_TEMPLATES, DEMO_PLACES) if task == "position" else (DEMO_TEMPLATES, [None])
     return [demo_caption(t, c, s, p) for t in templates for c in DEMO_COLOURS for s in DEMO_SHAPES for p in places]
 
 
 def make_demo_dataset(folder: Path, n: int, seed: int, task: str = "shapes") -> Path:
-    """Write n images and a metadata.jsonl with five varied captions each (an ordinary image folder)."""
+    """Write n images and a metadata.jsonl with five varied captions each (an ordinary image folder); DEMO_TASK=qa:
+    also questions.jsonl, four questions per image (a QA_DATASET file)."""
     if (folder / "metadata.jsonl").is_file():
         return folder
+    asked = []
     with atomic_folder(folder) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / "metadata.jsonl", "w") as fh:
             for i in progress_bar(range(n), desc="demo images", unit="img"):
-                image, captions = demo_item(task, i, seed)
+                image, captions, questions = demo_item(task, i, seed)
                 name = f"images/{i:05d}.png"
                 image.save(tmp / name)
                 fh.write(json.dumps({"file_name": name, "captions": captions}) + "\n")
+                asked += [json.dumps({"image": name, **q}) + "\n" for q in questions]
+        if asked:
+            (tmp / DEMO_QUESTIONS_FILE).write_text("".join(asked))
     return folder
 
 
 def make_demo_models(root: Path, kind: str, seed: int, task: str = "shapes") -> tuple[Path, Path]:
     """A tiny random encoder of the real architecture and a tiny random Qwen3 whose word-level vocabulary is
     the task's captions (so one LM per demo task)."""
-    words = sorted({w for c in demo_vocabulary_captions(task) for w in c.split()} | {"caption", ":"})
+    words = sorted({w.lower() for c in demo_vocabulary_captions(task) for w in re.findall(r"\w+|[^\w\s]+", c)}
+                   | {"caption", ":"})  # as the tokenizer splits them
     vision = save_tiny_encoder(root / f"{kind}-seed{seed}", kind, seed, hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
     lm = save_tiny_lm(root / (f"qwen3-seed{seed}" if task == "shapes" else f"qwen3-{task}-seed{seed}"), words, seed,
@@ -722,9 +777,11 @@ def demo_config(cfg: Config, files: dict[str, Path]) -> Config:
     top_k = cfg.top_k if cfg.top_k != Config.top_k else num_layers
     output_dir = cfg.output_dir_models if cfg.output_dir_models != Config.output_dir_models \
         else str(files["checkpoints"])
+    questions = files["dataset"] / DEMO_QUESTIONS_FILE
     return dataclasses.replace(cfg, dataset=str(files["dataset"]), vision_model=str(files["vision_model"]),
                                lm_model=str(files["lm_model"]), top_k=top_k, output_dir_models=output_dir,
-                               cache_dir=str(files["root"] / "cache"))
+                               cache_dir=str(files["root"] / "cache"),
+                               qa_dataset=cfg.qa_dataset or (str(questions) if questions.is_file() else ""))
 
 
 # =============================================================================================

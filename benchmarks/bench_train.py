@@ -310,12 +310,12 @@ def recipe_mode(recipe: Recipe):
 
 def plain_inputs(model, features, caps, prompts, length: int):
     """inputs_embeds, attention mask and labels with the text padded to `length` tokens, as a first version does."""
-    ids, mask, labels = model.layout(caps, prompts)
-    extra = length - ids.shape[1]
+    ids, mask, labels, places = model.layout(caps, prompts)
+    extra = model.adapter.num_tokens + length - ids.shape[1]
     ids = torch.nn.functional.pad(ids, (0, extra), value=model.tokenizer.pad_token_id)
     mask, labels = torch.nn.functional.pad(mask, (0, extra)), torch.nn.functional.pad(labels, (0, extra), value=-100)
-    ids, mask, labels = (model.to_device(t) for t in (ids, mask, labels))
-    return model.embed(features, ids), mask, labels
+    ids, mask, labels, places = (model.to_device(t) for t in (ids, mask, labels, places))
+    return model.embed(features, ids, places), mask, labels
 
 
 def plain_step(model, encoder, opt, micro_batches: list, max_len: int, grad_clip: float) -> None:

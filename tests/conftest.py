@@ -300,8 +300,8 @@ def trained(shared_env):
 
 def prefix_embeds(model, features: torch.Tensor) -> torch.Tensor:
     """[visual tokens][prompt tokens] of each image, as the model feeds them to the LM: (B, V + P, H)."""
-    ids = torch.tensor(model.prompt_ids, dtype=torch.long).repeat(len(features), 1)
-    return model.embed(features, ids)
+    ids, _, _, places = model.layout([[]] * len(features))
+    return model.embed(features, ids, places)
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,7 @@ def test_position_images_are_deterministic_and_their_captions_say_where_the_shap
     assert min(AREA_SHARE, key=lambda s: abs(AREA_SHARE[s] - share)) == shape, (shape, share)
     centre = (sum(xs) / len(xs), sum(ys) / len(ys))
     (where,) = [w for w, ((x0, x1), (y0, y1)) in PLACE_REGIONS.items() if x0 <= centre[0] < x1 and y0 <= centre[1] < y1]
-    _, captions = tools.demo_item("position", index, 42)
+    _, captions, _ = tools.demo_item("position", index, 42)
     assert len(set(captions)) == 5 and all(colour in c and shape in c and where in c for c in captions), captions
 
 

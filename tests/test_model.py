@@ -78,9 +78,10 @@ def test_tokenizer_without_pad_or_bos_is_handled(tiny_model):
 def test_labels_supervise_only_caption_and_eos(tiny_model):
     cfg, _, model = tiny_model(num_visual_tokens=3)
     caps = model.tokenize_captions(["a red circle", "a photo of a big blue square"])
-    ids, mask, labels = model.layout(caps)  # what every loss is computed from
+    ids, mask, labels, places = model.layout(caps)  # what every loss is computed from
     prefix = 3 + len(model.prompt_ids)
-    assert mask.shape == labels.shape == (2, prefix + max(map(len, caps))) and ids.shape[1] == mask.shape[1] - 3
+    assert ids.shape == mask.shape == labels.shape == (2, prefix + max(map(len, caps)))
+    assert places.tolist() == [[0, 0], [1, 0]]  # each row's visual tokens first
     for row, c in enumerate(caps):
         assert (labels[row, :prefix] == -100).all()                       # visual + prompt
         assert labels[row, prefix: prefix + len(c)].tolist() == c         # caption + EOS
@@ -158,7 +159,7 @@ def test_dynamic_padding_gives_the_fixed_padding_loss(tiny_model):
     features, caps = batch(model, encoder)
     ours = model(features, caps)
     longest = max(len(c) for c in caps)
-    assert model.layout(caps)[0].shape[1] == len(model.prompt_ids) + longest  # padded to the batch only
+    assert model.layout(caps)[0].shape[1] == model.adapter.num_tokens + len(model.prompt_ids) + longest  # the batch's
     fixed = reference_inputs(model, features, caps, text_length=len(model.prompt_ids) + cfg.max_caption_tokens + 1)
     assert fixed[0].shape[1] > model.adapter.num_tokens + len(model.prompt_ids) + longest
     assert abs(ours.item() - full_logits_loss(model, *fixed).item()) < 1e-5
@@ -250,8 +251,8 @@ def test_fixed_shapes_pad_to_length_buckets_and_full_batches(tiny_model):
     for training, rows in ((True, 8), (False, 16)):
         model.train(training)
         for n in range(1, 49):  # every caption length (EOS included) the config allows
-            ids, mask, labels = model.layout([[7] * n, [7] * max(1, n // 2)])
-            shapes.add((training, tuple(ids.shape)))
+            ids, mask, labels, _ = model.layout([[7] * n, [7] * max(1, n // 2)])
+            shapes.add((training, (ids.shape[0], ids.shape[1] - model.adapter.num_tokens)))
             assert ids.shape[0] == rows and ids.shape[1] >= prompt + n
             assert (labels[2:] == -100).all() and (mask[2:] == 1).all()  # filler rows: attended, never supervised
             assert (labels[0] != -100).sum() == n and (labels[1] != -100).sum() == max(1, n // 2)
@@ -399,7 +400,8 @@ def test_generation_goes_through_the_lora_matrices(tiny_model):
     feats = torch.randn(4, 24, generator=g)
 
     def next_logits(m, ids):
-        hidden = m.run_blocks_eager(m.embed(feats, ids), torch.ones(len(feats), m.adapter.num_tokens + ids.shape[1]))
+        laid_out, mask, _, places = m.layout(ids.tolist(), [[]] * len(feats))  # the text as is: all rows one length
+        hidden = m.run_blocks_eager(m.embed(feats, laid_out, places), mask)
         return m.lm.get_output_embeddings()(hidden[:, -1])
 
     ids = torch.tensor(model.prompt_ids).repeat(len(feats), 1)
