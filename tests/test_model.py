@@ -391,7 +391,7 @@ def test_generation_goes_through_the_lora_matrices(tiny_model):
     feats = torch.randn(4, 24, generator=g)
 
     def next_logits(m, ids):
-        hidden = m.run_blocks_eager(m.embed(feats, ids), torch.ones(len(feats), m.adapter.num_tokens + ids.shape[1]))
+        hidden = m.run_blocks(m.embed(feats, ids), torch.ones(len(feats), m.adapter.num_tokens + ids.shape[1]))
         return m.lm.get_output_embeddings()(hidden[:, -1])
 
     ids = torch.tensor(model.prompt_ids).repeat(len(feats), 1)
