@@ -1214,25 +1214,29 @@ class Captioner(nn.Module):
         Never silently eager: a graph break, one graph too many or a compile error, forward or backward (compiled
         with its forward), is one warning line, and the run goes on eager. Training compiles its first graph
         here; under torchrun every graph compiles here (see `compile_every_shape`)."""
-        torch._dynamo.config.recompile_limit += 4 * len(self.length_buckets)  # the blocks' graphs, on top of the rest
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
-        torch._functorch.config.force_non_lazy_backward_lowering = True
         mode = "reduce-overhead" if cuda_graphs and self.device.type == "cuda" else None
         if cuda_graphs and not mode:
             log.info(f"COMPILE=max: CUDA graphs need a CUDA GPU, so on {self.device} it compiles as COMPILE=1 does")
-        for block in decoder_blocks(self.lm):
-            block.compile(dynamic=False, fullgraph=True, mode=mode)
-        self.fixed_shapes = True
-        if training:
-            was_training = self.training
-            self.train()
-            try:
+        was_training = self.training
+        try:
+            torch._dynamo.config.recompile_limit += 4 * len(self.length_buckets)  # the blocks' graphs, on top of the rest
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+            torch._functorch.config.force_non_lazy_backward_lowering = True
+            for block in decoder_blocks(self.lm):
+                block.compile(dynamic=False, fullgraph=True, mode=mode)
+                for p in block.parameters() if mode else []:  # a CUDA graph's outputs live until its next replay:
+                    if p.requires_grad:  # a gradient kept over GRAD_ACCUM micro-batches must be a copy
+                        p.register_hook(torch.clone)
+            self.fixed_shapes = True
+            if training:
+                self.train()
                 self(torch.zeros(1, *self.feature_shape), [[self.tokenizer.eos_token_id]]).backward()
-            except Exception as e:
-                self.go_eager(e)
-            self.zero_grad(set_to_none=True)
-            self.train(was_training)
-        self.compile_every_shape(training)
+        except Exception as e:
+            self.go_eager(e)
+        self.zero_grad(set_to_none=True)
+        self.train(was_training)
+        if DIST.launched:
+            self.compile_every_shape(training)
 
     def go_eager(self, why: Exception | None = None) -> None:
         """Leave the fast path: eager blocks, batches padded to their own longest. `why`: the compile failure
@@ -1250,16 +1254,16 @@ class Captioner(nn.Module):
         """Eager for the duration of a with-block (a comparison), then back on the path it was on."""
         fixed, self.fixed_shapes = self.fixed_shapes, False
         try:
-            with torch.compiler.set_stance("force_eager"):
+            with torch.compiler.set_stance("force_eager") if fixed else contextlib.nullcontext():
                 yield
         finally:
             self.fixed_shapes = fixed
 
     def compile_every_shape(self, training: bool) -> None:
-        """Under torchrun: compile now the graph of every padded shape (each length bucket; for evaluation, and
-        forward and backward for training), each rank on its own. Compiled on first use instead, a rank would
-        compile for a minute or more while the others wait for it in a lockstep exchange (LOCKSTEP_TIMEOUT)."""
-        if not DIST.launched or not self.fixed_shapes:
+        """Compile now the graph of every padded shape (each length bucket; for evaluation, and forward and
+        backward for training). Under torchrun each rank does so in `use_fast_path`: compiled on first use
+        instead, a rank would compile while the others wait for it in a lockstep exchange (LOCKSTEP_TIMEOUT)."""
+        if not self.fixed_shapes:
             return
         was_training = self.training
         features, no_prompt = torch.zeros(1, *self.feature_shape), [[]]  # the caption alone sets the length
@@ -1317,7 +1321,7 @@ class Captioner(nn.Module):
         """Batched captions (or answers: another prompt) with the KV cache. Every prefix has the same
         length, so no padding."""
         prompt = self.prompt_ids if prompt_ids is None else prompt_ids
-        with self.autocast(), torch.compiler.set_stance("force_eager"):  # the fast path's shapes are not decoding's
+        with self.autocast(), self.eager():  # the fast path's shapes are not decoding's
             ids = torch.tensor(prompt, dtype=torch.long).repeat(len(features), 1)  # (B, P)
             prefix = self.embed(features, self.to_device(ids))
             mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
