@@ -101,6 +101,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 import multimodal_transfer_learning as mtl  # noqa: E402
 import workflow_tools as tools  # noqa: E402
@@ -192,6 +193,8 @@ def bench_env(assets: dict, root: Path, args, **overrides) -> dict[str, str]:
            "LOG_EVERY": "1000000", "NUM_WORKERS": str(args.num_workers), "COMPILE": "0", "SEED": "42"}
     if args.max_new_tokens:
         env["MAX_NEW_TOKENS"] = str(args.max_new_tokens)
+    if args.tiny:  # two length buckets instead of four: half the graphs to compile
+        env["MAX_CAPTION_TOKENS"] = "8"
     return {**env, **{k.upper(): str(v) for k, v in overrides.items()}}
 
 
@@ -1019,13 +1022,15 @@ def run_benchmark(args, root: Path, say, R: dict, save) -> dict:
     total_params = trainable + counts["frozen"]
     encoder_params = sum(p.numel() for p in encoder.parameters())
     R |= {"device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-         "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": cfg.batch_size,
+         "threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
+         "transformers": transformers.__version__, "python": sys.version.split()[0], "batch_size": cfg.batch_size,
          "top_k": cfg.top_k, "timed_steps": args.steps, "warmup_steps": args.warmup, "shape": shape,
          "parameters": {"lm_and_adapter": total_params, "trainable": trainable, "encoder": encoder_params},
          "build_seconds": build_s, "command": " ".join(sys.argv),
          "shapes": "toy shapes (--tiny: the figures mean nothing)" if args.tiny else "Qwen3-0.6B + CLIP ViT-B/32 shapes"}
     say(f"device {device} ({R['device_name']}), {dtype}, {torch.get_num_threads()} threads; "
         f"{total_params / 1e6:.0f}M LM+adapter parameters, {trainable / 1e6:.1f}M trainable")
+    save(R)
     if not args.liger:
         R["features"] = measure_features(cfg, encoder, device, say)
         save(R)
