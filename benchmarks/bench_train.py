@@ -2,11 +2,14 @@
 """Speed and memory benchmark of multimodal_transfer_learning.py at the REAL model shapes.
 
     python benchmarks/bench_train.py [--json PATH] [--check]              # CPU: plain vs eager (fp32, batch 8)
-    python benchmarks/bench_train.py --device cuda --batch-size 64 --steps 10 --warmup 3 [--liger] [--max-batch]
+    python benchmarks/bench_train.py --device cuda --batch-size 64 --steps 10 --warmup 3   # + fast, fast+graphs
+    python benchmarks/bench_train.py --liger           # CUDA: eager and fast with LIGER=1, alone in the process
+    python benchmarks/bench_train.py --compile-strategies   # warm-up: whole decoder stack vs one block at a time
+    python benchmarks/bench_train.py --max-batch       # CUDA: the largest batch a 24 GiB card holds
     python benchmarks/bench_train.py --variants        # cost of mlp/top-3, qformer/top-3, mlp/LoRA-16
     python benchmarks/bench_train.py --e2e             # end-to-end --train/--test, eager vs fast path
     python benchmarks/bench_train.py --estimate        # only the analytic 24 GB GPU estimate
-    benchmarks/gpu_check.sh OUT_DIR                    # all of the GPU measurements in one run
+    bash benchmarks/gpu_check.sh OUT_DIR               # the GPU measurements, phase by phase, in 8 minutes
 
 Offline and download-free: it builds Qwen3-0.6B-Base (vocab 151,936, hidden 1024, MLP 3072, 28 layers,
 16 query / 8 KV heads of 128, tied embeddings, rope_theta 1e6) and CLIP ViT-B/32's vision tower (hidden
@@ -19,21 +22,26 @@ Training recipes, compared at equal batch size on the same pairs in the same ord
 `mtl.optimizer_steps` batching), each with its own AdamW, alternating step by step so that a busy
 neighbour slows all alike; warm-up steps are not timed and rates come from the median timed step:
 * eager: the script's `mtl.train_step` on cached features, COMPILE=0 (the default on CPU).
-* fast: the same step after `mtl.use_fast_path` (COMPILE=auto on CUDA): the whole decoder compiled,
-  inputs padded to a length bucket and a full batch. Its compile warm-up (one step per length bucket,
-  before timing) is reported in seconds, with the number of graphs compiled.
+* fast: the same step after `Captioner.use_fast_path` (COMPILE=auto on CUDA): each decoder block compiled
+  (regional compilation), no attention mask, inputs padded to a length bucket and a full batch. Its warm-up
+  (`use_fast_path` + `compile_every_shape`: every training and evaluation shape, before timing) is reported
+  in seconds, with the number of graphs compiled.
+* fast+graphs (CUDA): the same with CUDA graphs (COMPILE=max), on a model of its own.
 * plain: what one writes first: the frozen encoder runs every step on pixel tensors (already decoded
   and preprocessed, which flatters it), captions padded to a fixed MAX_CAPTION_TOKENS+1, and
   `lm(inputs_embeds, attention_mask, labels)` computing logits over batch x sequence x vocabulary,
   then the same clipping and AdamW.
-* with --liger (CUDA, liger-kernel installed): eager and fast again on a second model built with LIGER=1.
+* --liger (CUDA, liger-kernel installed): only eager and fast, on a model built with LIGER=1. Liger replaces
+  Qwen3's RoPE function for the whole process, so it never shares one with the other recipes.
+Before timing, each compiled recipe is compared with eager from the same weights: the loss and the gradients
+accumulated over two micro-batches (what CUDA graphs' memory pool could overwrite), relative differences.
 Per recipe: samples/s, useful tokens/s, useful FLOP/s and their share of the measured matmul peak,
 kernel launches per step (torch.profiler over one step: on CUDA the launch calls the CPU makes, kernels
 and CUDA graphs alike, and the kernels the GPU ran; on CPU the operators dispatched), and the CPU's
 enqueue time (until the step function returns) against the step's wall time (until the device is
 done): when the two are equal the GPU waits on Python.
 
-Memory: on CPU each recipe runs in a fresh subprocess; after a warm-up step (so the AdamW state
+Memory: on CPU each uncompiled recipe runs in a fresh subprocess; after a warm-up step (so the AdamW state
 exists) the kernel's resident-set high-water mark (VmHWM) is reset via /proc/self/clear_refs and read
 after one step; growth = VmHWM - VmRSS at the reset, with MALLOC_MMAP_THRESHOLD_=65536 so that glibc
 returns freed tensors at once. On CUDA the allocator is exact, so it is measured in-process: peak
@@ -42,6 +50,18 @@ gradients, logits, temporaries); "total" = weights + the recipe's AdamW state + 
 --max-batch (CUDA, fast path): the largest BATCH_SIZE whose worst-case step (every caption 49 tokens)
 fits a 24 GiB card, from the allocator peak at two batch sizes and checked at the predicted size,
 with samples/s at both sizes on those worst-case batches.
+
+Latency of --caption: JPEG decoding and preprocessing, the encoder, the adapter and greedy generation of
+20 new tokens (`encode_image_files` + `generate_captions`, as `describe_images` runs them), per image at
+batch 1 and 32, median of a few runs after a warm-up one.
+
+Compile strategies (--compile-strategies): each in a fresh process with empty inductor/Triton caches (a
+user's first run), the seconds to compile and run the first training shape forward and backward, then
+that step's time: the whole 28-block stack under one torch.compile with its attention mask (before),
+regional (the recipe; also the seconds for every training and evaluation shape), and the whole stack
+with a dynamic sequence length.
+
+The JSON is rewritten after every section, so a run stopped by a time limit keeps what it measured.
 
 Generation: `mtl.generate_captions` (batched by EVAL_BATCH_SIZE, KV cache) against a loop that calls
 `Captioner.generate` one image at a time. With random weights no caption stops early, so both run
