@@ -15,7 +15,7 @@ import torch
 
 import multimodal_transfer_learning as mtl
 from conftest import ROOT, SCRIPT, explain, parallel, text
-from test_model import batch, full_logits_loss
+from test_model import batch, full_logits_loss, reference_inputs
 
 
 def attention_masks_seen(model) -> tuple[list, object]:
@@ -27,10 +27,9 @@ def attention_masks_seen(model) -> tuple[list, object]:
 
 
 def masked_step(model, opt, micro_batch, grad_clip: float) -> float:
-    """The masked reference, built from the layout by hand: the LM with the padding mask and full logits."""
+    """The masked reference, inputs built by hand: the LM given the padding mask, with full logits."""
     features, caps, _ = micro_batch
-    ids, mask, labels = model.layout(caps)
-    loss = full_logits_loss(model, model.embed(features, ids), mask, labels)
+    loss = full_logits_loss(model, *reference_inputs(model, features, caps))
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     opt.step()
