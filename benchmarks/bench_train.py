@@ -53,7 +53,7 @@ with samples/s at both sizes on those worst-case batches.
 
 Latency of --caption: JPEG decoding and preprocessing, the encoder, the adapter and greedy generation of
 20 new tokens (`encode_image_files` + `generate_captions`, as `describe_images` runs them), per image at
-batch 1 and 32, median of a few runs after a warm-up one.
+batch 1 and 32, the median of 3 runs after a warm-up one on CUDA, one run on CPU.
 
 Compile strategies (--compile-strategies): each in a fresh process with empty inductor/Triton caches (a
 user's first run), the seconds to compile and run the first training shape forward and backward, then
@@ -596,7 +596,7 @@ LATENCY_TOKENS = 20
 def measure_latency(model, encoder, cfg, images: Path, device, say, reps: int) -> dict:
     """--caption's latency per image, as `describe_images` runs it: JPEG decoding and preprocessing, the
     encoder, the adapter and greedy generation of 20 new tokens (the random LM never stops early), at
-    batch 1 and 32 (EVAL_BATCH_SIZE); the median of `reps` runs after a warm-up one."""
+    batch 1 and 32 (EVAL_BATCH_SIZE); the median of `reps` runs (on CUDA after a warm-up one)."""
     paths = sorted(str(p) for p in (images / "img").glob("*.jpg"))
     out = {}
     model.eval()
@@ -608,7 +608,8 @@ def measure_latency(model, encoder, cfg, images: Path, device, say, reps: int) -
             return [mtl.generate_captions(model, features, run_cfg, desc="latency")
                     for _, _, features in mtl.encode_image_files(paths[:batch], encoder, batch)]
 
-        caption()
+        if device.type == "cuda":
+            caption()  # CUDA's lazy start-up costs, and the allocator's first blocks
         seconds = statistics.median(run_timed(device, caption)[1] for _ in range(reps))
         say(f"latency at batch {batch}: {seconds * 1e3 / batch:.0f} ms per image")
         out[str(wanted)] = {"batch": batch, "seconds": seconds, "ms_per_image": seconds * 1e3 / batch,
@@ -1056,7 +1057,7 @@ def run_benchmark(args, root: Path, say, R: dict, save) -> dict:
         save(R)
         R["generation"] = measure_generation(model, cfg, split, args, device, say)
         save(R)
-        R["latency"] = measure_latency(model, encoder, cfg, assets["images"], device, say, reps=2 if args.tiny else 3)
+        R["latency"] = measure_latency(model, encoder, cfg, assets["images"], device, say, 3 if device.type == "cuda" else 1)
         save(R)
 
     names = recipe_names(args, device)
