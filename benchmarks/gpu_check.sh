@@ -63,7 +63,9 @@ phase() {  # name, time cap in seconds, then bench_train.py's arguments
     if [ "$left" -lt 30 ]; then
         echo "[$(date +%T)] $name: skipped, the time budget is spent"; record "$name" skipped null 0; return
     fi
-    [ "$cap" -gt "$left" ] && cap=$left
+    if [ "$mode" = tiny ] || [ "$cap" -gt "$left" ]; then  # toy runs on a busy CPU: only the budget limits them
+        cap=$left
+    fi
     echo "[$(date +%T)] $name (at most $cap s)"
     timeout --kill-after=20 "$cap" "$py" benchmarks/bench_train.py "$@" --workdir "$work" --json "$out/$name.json" \
         > "$out/$name.log" 2>&1
