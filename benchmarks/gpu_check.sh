@@ -13,10 +13,10 @@
 #   e2e       the script itself: --train (1 epoch, 300 images) and --test on the fast path
 #   compile   warm-up of one training shape, whole decoder stack (as before) vs one block at a time, empty caches
 #   liger     eager and fast path with LIGER=1, alone in its process (if liger-kernel imports)
-# --full (a second slot): max batch on a 24 GiB card, the variants (mlp/top-3, qformer/top-3, mlp/LoRA-16),
-#   --train/--test eager vs fast vs max (2 epochs, 1000 images), and the whole stack with a dynamic length too.
-# --tiny: every phase on CPU at toy widths, torch.compile with aot_eager (the test suite runs it): it checks
-#   the check, its figures mean nothing.
+# --full, for a second slot, instead: max batch on a 24 GiB card, the variants (mlp/top-3, qformer/top-3,
+#   mlp/LoRA-16), --train/--test eager vs fast vs max (2 epochs, 600 images), the whole stack with a dynamic length.
+# --tiny: the phases of both on CPU at toy widths (but liger and max batch: CUDA only), torch.compile with
+#   aot_eager; the test suite runs it, so the check's code runs on every commit; its figures mean nothing.
 set -uo pipefail
 mode=default
 case "${1:-}" in --full | --tiny) mode=${1#--}; shift ;; esac
@@ -86,21 +86,20 @@ if [ "$mode" != tiny ] && ! "$py" -c "import torch; assert torch.cuda.is_availab
 fi
 [ "$mode" != tiny ] && nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 
-phase bench 300 "${device[@]}" "${batch[@]}" "${steps[@]}" "${small[@]}" --check
-phase e2e 150 "${device[@]}" "${batch[@]}" --e2e --e2e-epochs 1 "${e2e[@]}" --out "$out"
-strategies=whole-stack,regional
-[ "$mode" != default ] && strategies+=,whole-stack-dynamic
-phase compile $([ "$mode" = full ] && echo 300 || echo 200) "${device[@]}" "${batch[@]}" --compile-strategies "$strategies"
-if [ "$mode" != tiny ] && "$py" -c "import liger_kernel" 2>/dev/null; then
-    phase liger 150 "${device[@]}" "${batch[@]}" "${steps[@]}" --liger --check
-fi
-if [ "$mode" = full ]; then
-    phase max_batch 200 "${device[@]}" "${batch[@]}" --max-batch
+if [ "$mode" != full ]; then
+    phase bench 300 "${device[@]}" "${batch[@]}" "${steps[@]}" "${small[@]}" --check
+    phase e2e 150 "${device[@]}" "${batch[@]}" --e2e --e2e-epochs 1 "${e2e[@]}" --out "$out"
+    phase compile 200 "${device[@]}" "${batch[@]}" --compile-strategies whole-stack,regional
+    if [ "$mode" != tiny ] && "$py" -c "import liger_kernel" 2>/dev/null; then
+        phase liger 150 "${device[@]}" "${batch[@]}" "${steps[@]}" --liger --check
+    fi
 fi
 if [ "$mode" != default ]; then
-    phase variants 200 "${device[@]}" "${batch[@]}" "${variant_steps[@]}" --variants
-    [ "$mode" = full ] && phase e2e_long 300 "${device[@]}" "${batch[@]}" --e2e --e2e-images 1000 --e2e-epochs 2 \
+    [ "$mode" = full ] && phase max_batch 200 "${device[@]}" "${batch[@]}" --max-batch
+    phase variants 150 "${device[@]}" "${batch[@]}" "${variant_steps[@]}" --variants
+    [ "$mode" = full ] && phase e2e_long 250 "${device[@]}" "${batch[@]}" --e2e --e2e-images 600 --e2e-epochs 2 \
         --e2e-modes eager,fast,max --out "$out/long"
+    phase compile_dynamic 150 "${device[@]}" "${batch[@]}" --compile-strategies whole-stack-dynamic
 fi
 echo "[$(date +%T)] done in $((SECONDS - started)) s, $failures phase(s) failed or timed out: $out (see phases.json)"
 [ "$failures" -eq 0 ]
