@@ -610,10 +610,11 @@ def measure_latency(model, encoder, cfg, images: Path, device, say, reps: int) -
 
         if device.type == "cuda":
             caption()  # CUDA's lazy start-up costs, and the allocator's first blocks
-        seconds = statistics.median(run_timed(device, caption)[1] for _ in range(reps))
+        runs = [run_timed(device, caption)[1:] for _ in range(reps)]
+        seconds = statistics.median(wall for wall, _ in runs)
         say(f"latency at batch {batch}: {seconds * 1e3 / batch:.0f} ms per image")
         out[str(wanted)] = {"batch": batch, "seconds": seconds, "ms_per_image": seconds * 1e3 / batch,
-                            "new_tokens": LATENCY_TOKENS, "reps": reps}
+                            "new_tokens": LATENCY_TOKENS, "reps": reps, "others_cpu_share": [o for _, o in runs]}
     return out
 
 
