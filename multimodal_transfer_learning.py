@@ -196,7 +196,8 @@ class Config:
     prompts: str = _f("", "several training prompts separated by ';', one drawn per pair (PROMPT is used for evaluation)",
                       defines="training")
     seed: int = _f(42, "seeds the split, the shuffling, the initialisation and sampling", Range(0, 2**32 - 1), "data")
-    compile: str = _f("auto", "auto (the fused fast path on CUDA, eager on CPU), 1 or 0 to force it", ("auto", "1", "0"))
+    compile: str = _f("auto", "auto (the fused fast path on CUDA, eager on CPU), 1 or 0 to force it, max: the fast path with "
+                      "CUDA graphs (on CPU the same as 1)", ("auto", "1", "0", "max"))
     liger: bool = _f(False, "1: Liger-Kernel's fused Qwen3 RMSNorm/RoPE/SwiGLU on CUDA (pip install liger-kernel)")
     # --- evaluation and decoding ---
     eval_batch_size: int = _f(64, "batch size of val/test loss, generation and retrieval scoring", POSITIVE)
@@ -1293,7 +1294,6 @@ class Captioner(nn.Module):
         longest = max(len(p) for p in [self.prompt_ids, *self.train_prompt_ids]) + cfg.max_caption_tokens + 1
         self.length_buckets = sorted({max(8, longest - 8 * i) for i in range(LENGTH_BUCKETS)})
         self.feature_shape = tuple(feature_shape)  # of one image: (D,) pooled, (P, D) patch tokens
-        self.run_blocks = self.run_blocks_eager  # the compiled fast path replaces it (see `use_fast_path`)
         lm.config.use_cache = False
 
     def tokenize_prompt(self, text: str) -> list[int]:
@@ -1361,12 +1361,14 @@ class Captioner(nn.Module):
         return text.index_put((places[:, :1].expand_as(columns), columns), visual.to(text.dtype))
 
     # ---- the decoder blocks: eager, or the compiled fast path ----
-    def run_blocks_eager(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The decoder stack without its head: (B, T, H) input embeddings -> (B, T, H) hidden states."""
         return decoder_base(self.lm)(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
-    def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         try:
+            if self.fixed_shapes:  # CUDA graphs (COMPILE=max): the previous step's outputs may now be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             return self.run_blocks(embeds, mask)
         except Exception as e:
             if not self.fixed_shapes or isinstance(e, torch.OutOfMemoryError):
@@ -1374,24 +1376,38 @@ class Captioner(nn.Module):
             self.go_eager(e)  # a real bug fails again below, eagerly, with its own traceback
             return self.run_blocks(embeds, mask)
 
-    def use_fast_path(self, training: bool) -> None:
-        """The whole decoder stack, frozen blocks included, compiled: kernels fused across the RMSNorm, RoPE,
-        SwiGLU and dtype-cast elementwise work that dominates eager launches, one graph per padded shape
-        (LENGTH_BUCKETS lengths, for training and for evaluation). Training compiles its first graph here,
-        forward and backward, so that a setup where compiling fails says so in one line and runs eager.
-        Under torchrun every graph compiles here (see `compile_every_shape`)."""
-        self.fixed_shapes = True
-        self.run_blocks = torch.compile(self.run_blocks_eager, dynamic=False)
-        if training:
-            was_training = self.training
-            self.train()
-            try:
+    def use_fast_path(self, training: bool, cuda_graphs: bool = False) -> None:
+        """Regional compilation: each decoder block is compiled on its own and all blocks share the compiled code
+        (one graph per padded shape for frozen and one for trained blocks, in training and in evaluation), so a
+        shape costs one block to compile, not the 28-block stack. Kernels fuse the RMSNorm, RoPE, SwiGLU and
+        dtype-cast elementwise work that dominates eager launches; attention gets no mask (see `token_losses`).
+        cuda_graphs (COMPILE=max, CUDA only): each block's kernels replay as one CUDA graph.
+        Never silently eager: a graph break, one graph too many or a compile error, forward or backward (compiled
+        with its forward), is one warning line, and the run goes on eager. Training compiles its first graph
+        here; under torchrun every graph compiles here (see `compile_every_shape`)."""
+        mode = "reduce-overhead" if cuda_graphs and self.device.type == "cuda" else None
+        if cuda_graphs and not mode:
+            log.info(f"COMPILE=max: CUDA graphs need a CUDA GPU, so on {self.device} it compiles as COMPILE=1 does")
+        was_training = self.training
+        try:
+            torch._dynamo.config.recompile_limit += 4 * len(self.length_buckets)  # the blocks' graphs, on top of the rest
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+            torch._functorch.config.force_non_lazy_backward_lowering = True
+            for block in decoder_blocks(self.lm):
+                block.compile(dynamic=False, fullgraph=True, mode=mode)
+                for p in block.parameters() if mode else []:  # a CUDA graph's outputs live until its next replay:
+                    if p.requires_grad:  # a gradient kept over GRAD_ACCUM micro-batches must be a copy
+                        p.register_hook(torch.clone)
+            self.fixed_shapes = True
+            if training:
+                self.train()
                 self(torch.zeros(1, *self.feature_shape), [[self.tokenizer.eos_token_id]]).backward()
-            except Exception as e:
-                self.go_eager(e)
-            self.zero_grad(set_to_none=True)
-            self.train(was_training)
-        self.compile_every_shape(training)
+        except Exception as e:
+            self.go_eager(e)
+        self.zero_grad(set_to_none=True)
+        self.train(was_training)
+        if DIST.launched:
+            self.compile_every_shape(training)
 
     def go_eager(self, why: Exception | None = None) -> None:
         """Leave the fast path: eager blocks, batches padded to their own longest. `why`: the compile failure
@@ -1400,23 +1416,25 @@ class Captioner(nn.Module):
             text = (str(why).strip().splitlines() or [""])[0][:200]
             log.warning(f"torch.compile failed ({type(why).__name__}: {text}); continuing eager "
                         "(COMPILE=0 skips compiling)")
-        self.run_blocks, self.fixed_shapes = self.run_blocks_eager, False
+        for block in decoder_blocks(self.lm):
+            block._compiled_call_impl = None  # what Module.compile set
+        self.fixed_shapes = False
 
     @contextlib.contextmanager
     def eager(self):
         """Eager for the duration of a with-block (a comparison), then back on the path it was on."""
-        saved = self.run_blocks, self.fixed_shapes
-        self.go_eager()
+        fixed, self.fixed_shapes = self.fixed_shapes, False
         try:
-            yield
+            with torch.compiler.set_stance("force_eager") if fixed else contextlib.nullcontext():
+                yield
         finally:
-            self.run_blocks, self.fixed_shapes = saved
+            self.fixed_shapes = fixed
 
     def compile_every_shape(self, training: bool) -> None:
-        """Under torchrun: compile now the graph of every padded shape (each length bucket; for evaluation, and
-        forward and backward for training), each rank on its own. Compiled on first use instead, a rank would
-        compile for a minute or more while the others wait for it in a lockstep exchange (LOCKSTEP_TIMEOUT)."""
-        if not DIST.launched or not self.fixed_shapes:
+        """Compile now the graph of every padded shape (each length bucket; for evaluation, and forward and
+        backward for training). Under torchrun each rank does so in `use_fast_path`: compiled on first use
+        instead, a rank would compile while the others wait for it in a lockstep exchange (LOCKSTEP_TIMEOUT)."""
+        if not self.fixed_shapes:
             return
         was_training = self.training
         features, no_prompt = torch.zeros(1, *self.feature_shape), [[]]  # the caption alone sets the length
@@ -1437,13 +1455,18 @@ class Captioner(nn.Module):
 
         The 151,936-wide LM head runs only where a label exists, never over the whole (batch x
         sequence x vocabulary), and the loss itself is computed in fp32. Where the labels are is known
-        on the host, so gathering those positions needs no device-to-host sync."""
+        on the host, so gathering those positions needs no device-to-host sync.
+
+        Rows are right-padded and attention is causal, so no pad precedes a position that is read: the
+        decoder runs without a padding mask, and SDPA takes its causal flash / memory-efficient kernels with
+        grouped-query heads as they are. A row with a pad before a real token (left padding) keeps the mask."""
         ids, mask, labels, places = self.layout(caption_ids, prompt_ids, shots)
         targets = labels[:, 1:]
         positions = (targets != -100).flatten().nonzero()[:, 0]  # into (B' x (T - 1))
         rows = positions // targets.shape[1]
-        ids, mask, places, positions, targets, rows = (self.to_device(t) for t in (
-            ids, mask, places, positions, targets.flatten()[positions], rows))
+        mask = self.to_device(mask) if (mask[:, 1:] > mask[:, :-1]).any() else None
+        ids, places, positions, targets, rows = (self.to_device(t) for t in (
+            ids, places, positions, targets.flatten()[positions], rows))
         with self.autocast():
             hidden = self.run_decoder(self.embed(features, ids, places), mask)
             hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
@@ -1475,7 +1498,7 @@ class Captioner(nn.Module):
         lengths = mask[:n].sum(1)
         T = int(lengths.max())  # fixed shapes pad for the compiled blocks, which generation does not use
         left = ((torch.arange(T) - (T - lengths)[:, None]) % T)  # (n, T): row b's pads moved to its front
-        with self.autocast():
+        with self.autocast(), self.eager():  # the fast path's shapes are not decoding's
             prefix = self.embed(features, self.to_device(ids[:n, :T]), self.to_device(places))
             prefix = prefix.gather(1, self.to_device(left)[..., None].expand(-1, -1, prefix.shape[-1]))
             with warnings.catch_warnings():  # "n-gram blocking sees only the new tokens": what we want
@@ -1545,7 +1568,13 @@ def use_liger_kernels(lm, device: torch.device) -> None:
 
 def wants_compile(cfg: Config, device: torch.device) -> bool:
     """COMPILE=auto: the fused fast path where it pays (CUDA); eager on CPU, where compiling costs more than it wins."""
-    return cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda")
+    return cfg.compile in ("1", "max") or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (each shape and kind of block is one)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 # =============================================================================================
@@ -2831,7 +2860,7 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
     if not splits["train"].pairs or not splits["val"].ids:
         raise UserError(f"too few images to split 80/10/10 ({sum(len(s.ids) for s in splits.values())} usable)")
     if wants_compile(cfg, device):
-        model.use_fast_path(training=True)
+        model.use_fast_path(training=True, cuda_graphs=cfg.compile == "max")
     opt = make_optimizer(model, cfg)
     state = restore_run(model, opt, resumed[1], cfg) if resumed else {"step": 0}
     start_epoch = resumed[1]["epoch"] + 1 if resumed else 1
@@ -2865,6 +2894,8 @@ def cmd_train(cfg: Config, checkpoint: str | None, resume: bool, demo: bool) -> 
             log.info(f"epoch {epoch} ({train_seconds:.0f} s): train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
                      f"BLEU-4 {metrics.get('BLEU-4', 0):.4f}, CIDEr {metrics.get('CIDEr', 0):.4f}"
                      + (f", VQA-acc {metrics['VQA-acc']:.4f}" if "VQA-acc" in metrics else "") + f" -> {path}")
+            if epoch == start_epoch and model.fixed_shapes:
+                log.info(f"fast path: {compiled_graphs()} graphs compiled for training and validation so far")
             for i in fixed_val[:3]:
                 log.info(f"  {i}: {preds.get(i, '')!r}")
     log.info("per epoch:\n" + epoch_table(read_history(history_path(cfg.output_dir_models, cfg.run_name))))
@@ -2916,7 +2947,7 @@ def cmd_test(cfg: Config, checkpoint: str | None, untrained: bool, demo: bool) -
     source, data = test_source(cfg) if cfg.test_dataset else (cfg, load_records(cfg))
     splits, by_id, store = prepare_data(source, data, m.encoder, m.model, questions, whole=bool(cfg.test_dataset))
     if wants_compile(cfg, m.device):
-        m.model.use_fast_path(training=False)
+        m.model.use_fast_path(training=False, cuda_graphs=cfg.compile == "max")
     test = splits["test"]
     banner(cfg, m.device, m.dtype, splits, m.model)
     with wandb_run(cfg, "test", demo=demo) as run:

@@ -378,5 +378,5 @@ def test_under_torchrun_every_graph_compiles_before_training(base_env):
     stderr, buckets = run_fast_path_script({**base_env, "MAX_CAPTION_TOKENS": "23", "BATCH_SIZE": "4",
                                             "EVAL_BATCH_SIZE": "8"}, up_front=True)
     before, after = stderr.split("compiled up front")
-    assert before.count("Recompiling function run_blocks_eager") + 1 == 2 * buckets, before[-3000:]
-    assert after.count("Recompiling function run_blocks_eager") == 0, after[-3000:]
+    assert before.count("Recompiling function") + 1 == 4 * buckets, before[-3000:]  # see test_training.py
+    assert after.count("Recompiling function") == 0, after[-3000:]

@@ -401,7 +401,7 @@ def test_generation_goes_through_the_lora_matrices(tiny_model):
 
     def next_logits(m, ids):
         laid_out, mask, _, places = m.layout(ids.tolist(), [[]] * len(feats))  # the text as is: all rows one length
-        hidden = m.run_blocks_eager(m.embed(feats, laid_out, places), mask)
+        hidden = m.run_blocks(m.embed(feats, laid_out, places), mask)
         return m.lm.get_output_embeddings()(hidden[:, -1])
 
     ids = torch.tensor(model.prompt_ids).repeat(len(feats), 1)
