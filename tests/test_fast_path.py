@@ -68,21 +68,20 @@ def test_a_pad_before_a_token_keeps_the_attention_mask(tiny_model, monkeypatch):
     right_padded = model.layout
 
     def pads_first(*args):
-        ids, mask, labels = right_padded(*args)
+        ids, mask, labels, places = right_padded(*args)
         V = model.adapter.num_tokens
         for b in range(len(ids)):  # roll each row's text so that its pads come right after the visual tokens
             pads = int((mask[b] == 0).sum())
-            ids[b] = ids[b].roll(pads)
-            mask[b, V:], labels[b, V:] = mask[b, V:].roll(pads), labels[b, V:].roll(pads)
-        return ids, mask, labels
+            ids[b, V:], mask[b, V:], labels[b, V:] = (t[b, V:].roll(pads) for t in (ids, mask, labels))
+        return ids, mask, labels, places
 
     monkeypatch.setattr(model, "layout", pads_first)
     model.eval()
     with torch.no_grad():
         ours = model.token_losses(features, caps)[0]
-        ids, mask, labels = model.layout(caps)
+        ids, mask, labels, places = model.layout(caps)
         assert (mask[:, 1:] > mask[:, :-1]).any()  # some pad precedes a token
-        embeds = model.embed(features, ids)
+        embeds = model.embed(features, ids, places)
         logits = model.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1]
         targets = labels[:, 1:]
         expected = torch.nn.functional.cross_entropy(logits[targets != -100], targets[targets != -100], reduction="none")
