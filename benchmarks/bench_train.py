@@ -479,7 +479,7 @@ def compile_worker(args) -> dict:
     cfg, _, model, _ = load_bench(assets, root, args)
     device, eos = model.device, model.tokenizer.eos_token_id
     caps = [[eos] * (model.length_buckets[0] - len(model.prompt_ids))] * cfg.batch_size
-    ids, mask, _ = model.layout(caps)  # padded to the shortest bucket, as use_fast_path's first step is
+    ids, mask, _, places = model.layout(caps)  # padded to the shortest bucket, as use_fast_path's first step is
     features = model.to_device(torch.zeros(cfg.batch_size, *model.feature_shape))
     mask = model.to_device(mask)
     model.train()
@@ -492,7 +492,7 @@ def compile_worker(args) -> dict:
         decoder = torch.compile(model.run_blocks, dynamic=None if strategy.endswith("dynamic") else False)
 
     def step():
-        embeds = model.embed(features, model.to_device(ids))
+        embeds = model.embed(features, model.to_device(ids), model.to_device(places))
         if strategy.endswith("dynamic"):
             torch._dynamo.mark_dynamic(embeds, 1)
             torch._dynamo.mark_dynamic(mask, 1)

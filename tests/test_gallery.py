@@ -219,7 +219,7 @@ def demo_evaluation(epoch: int, n: int = 40) -> tuple[dict, dict]:
     the predictions changing from epoch to epoch (some right, some wrong words, punctuation, an empty one)."""
     references, predictions = {}, {}
     for i in range(n):
-        _, captions = tools.demo_item("shapes", i, seed=42)
+        _, captions, _ = tools.demo_item("shapes", i, seed=42)
         references[f"{i:05d}"] = captions
         words = captions[(i + epoch) % 5].split()
         if (i + epoch) % 3 == 0:
