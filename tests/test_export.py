@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import multimodal_transfer_learning as mtl
@@ -110,6 +111,35 @@ def test_ask_answers_every_readable_image_and_names_each_bad_one(exported):
     assert len(errors) == 2 and "Traceback" not in res.stderr
     assert exported["ask paths"][1] in errors[0] and "no such file" in errors[0]
     assert exported["ask paths"][3] in errors[1] and "cannot read image" in errors[1]
+
+
+def greedy_answer(m, image: Path, prompt: str, max_new_tokens: int) -> str:
+    """The answer a plain greedy loop gives, built from the parts alone: [the adapter's visual tokens][the
+    prompt's token embeddings], then the LM's most likely token appended again and again, recomputed from
+    scratch each step, until EOS, a token holding a newline, or max_new_tokens."""
+    tok, lm = m.model.tokenizer, m.model.lm
+    with torch.no_grad():
+        visual = m.model.adapter(m.encoder(m.encoder.preprocess(Image.open(image))[None]).to(m.device))
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        answer = []
+        for _ in range(max_new_tokens):
+            text = lm.get_input_embeddings()(torch.tensor([ids + answer], device=m.device))
+            nxt = int(lm(inputs_embeds=torch.cat([visual, text], 1)).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id or "\n" in tok.decode([nxt]):
+                break
+            answer.append(nxt)
+    return tok.decode(answer, skip_special_tokens=True).strip()
+
+
+def test_ask_answers_with_the_question_in_the_prompt_as_a_greedy_loop_does(exported, trained):
+    """--ask's answer of each image is what greedy decoding after "Question: {question} Answer:" gives; the
+    caption prompt gives other words, so an --ask that ignored the question would fail here."""
+    m = mtl.load_trained(mtl.load_config(trained["env_a"]), str(exported["folder"]))
+    question, limit = "What colour is the shape?", m.cfg.qa_max_new_tokens
+    asked = dict(line.split("\t") for line in exported["ask"].stdout.splitlines())
+    expected = {path: greedy_answer(m, Path(path), f"Question: {question} Answer:", limit) for path in exported["good"]}
+    assert asked == expected
+    assert any(greedy_answer(m, Path(p), m.cfg.prompt, limit) != expected[p] for p in exported["good"])
 
 
 def test_export_replaces_an_earlier_export_and_never_overwrites_another_folder(trained, tmp_path, monkeypatch):
