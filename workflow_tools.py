@@ -266,8 +266,11 @@ def number(text) -> float | None:
 def comparison_table(rows: list[dict], out: Path = Path(".")) -> str:
     """Markdown: one row per run; the settings that differ between runs, then every test metric, the
     best value of each in bold (when at least two runs have it); a metric a run lacks is 'missing'. Where a
-    run has a test gallery, a last column links it (relative to `out`, where the table is written)."""
-    metrics = [*mtl.METRICS, *sorted({c for r in rows for c in r if c.startswith("VQA-acc/")})]  # per question type
+    run has a test gallery, a last column links it (relative to `out`, where the table is written). VQA accuracy
+    (overall and per question type) shows only where a run answered questions (QA_DATASET)."""
+    answered = any(number(r.get("VQA-acc")) is not None for r in rows)
+    metrics = [m for m in mtl.METRICS if answered or m != "VQA-acc"]
+    metrics += sorted({c for r in rows for c in r if c.startswith("VQA-acc/")})  # per question type
     columns = dict.fromkeys(c for r in rows for c in r if c not in ("run", "checkpoint", "gallery", *metrics))
     settings = [c for c in columns if len({r.get(c) or "" for r in rows}) > 1]
     best = {}
