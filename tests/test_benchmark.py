@@ -2,7 +2,7 @@
 CPU at toy widths, as it runs them on a GPU, and each phase's JSON holds the figures the README quotes;
 --check fails when a target is missed; a benchmark stopped halfway keeps the sections it measured. The
 figures of a --tiny run mean nothing (torch.compile even runs the light aot_eager backend there); the
-real-shape runs are quoted in the README."""
+real-shape runs are quoted in the README. demo_seeds.py's table of the demo studies over seeds."""
 from __future__ import annotations
 
 import json
@@ -126,3 +126,24 @@ def test_a_benchmark_stopped_halfway_keeps_the_sections_it_measured(tmp_path):
         proc.kill()
     R = json.loads((tmp_path / "bench.json").read_text())
     assert {"features", "generation", "latency"} <= set(R) and "train" not in R and R["features"]["images"] == 2
+
+
+def test_the_seed_table_reads_each_seeds_results_and_counts_the_places_named(tmp_path):
+    """benchmarks/demo_seeds.py's table from two hand-made seed folders of the position study: each variant's
+    metric as mean (min–max), and the share of test captions whose place phrase is their reference's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import demo_seeds
+    header = ["checkpoint", "untrained", "CIDEr", "loss", "METEOR"]
+    captions = {1: [("a red circle on the left", "a red circle on the left"), ("a red circle", "a red circle at the top")],
+                2: [("a blue square on the left", "a red circle on the left"), ("at the top", "a red circle at the top")]}
+    for seed, cider, meteor in ((1, "4.0", "0.5"), (2, "6.0", "")):
+        folder = tmp_path / f"seed{seed}" / "qformer"
+        folder.mkdir(parents=True)
+        (folder / "results.csv").write_text(",".join(header) + f"\n12_clip_qformer_top3.pt,no,{cider},1.5,{meteor}\n")
+        (folder / "12_clip_qformer_top3.test_captions.jsonl").write_text("".join(
+            json.dumps({"generated": g, "references": [r, "another"]}) + "\n" for g, r in captions[seed]))
+    per_seed = {s: demo_seeds.seed_results(tmp_path / f"seed{s}", "position") for s in (1, 2)}
+    assert per_seed[1]["qformer"]["right places"] == 0.5 and per_seed[2]["qformer"]["right places"] == 1.0
+    head, _, row = demo_seeds.table(per_seed).splitlines()
+    assert head.split(" | ")[1:] == ["CIDEr", "METEOR", "loss", "right places |"]
+    assert row == "| qformer | 5.000 (4.000–6.000) | missing | 1.500 (1.500–1.500) | 0.750 (0.500–1.000) |"
